@@ -1,0 +1,239 @@
+"""``bin/evactors``: run the service and work with its data.
+
+Exit codes: 0 clean stop, 1 fatal fault (an actor kept crashing, a part would not start),
+2 configuration error (the message names the setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from . import config as cfg
+
+EXIT_OK, EXIT_FATAL, EXIT_CONFIG = 0, 1, 2
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(c: cfg.Config) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    as_json = c.log.format == "json" or (c.log.format == "auto" and not sys.stderr.isatty())
+    if as_json:
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    logging.Formatter.converter = __import__("time").gmtime
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(c.log.level.upper())
+    for noisy in ("hpack", "hypercorn.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if getattr(args, "data_dir", None):
+        out["data_dir"] = args.data_dir
+    if getattr(args, "listen", None):
+        out["server"] = {"listen": args.listen}
+    if getattr(args, "write_key", None):
+        out["write_keys"] = cfg.parse_write_keys(args.write_key)
+    if getattr(args, "redis_url", None):
+        out["redis"] = {"url": args.redis_url}
+    if getattr(args, "clickhouse_dsn", None):
+        out["clickhouse"] = {"dsn": args.clickhouse_dsn}
+    return out
+
+
+def load_config(args: argparse.Namespace) -> cfg.Config:
+    return cfg.load(getattr(args, "config", None), _overrides(args))
+
+
+# --- commands ----------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import trio
+
+    from .supervisor import StartupError, run
+
+    config = load_config(args)
+    setup_logging(config)
+
+    def ready(info: dict[str, Any]) -> None:
+        print(f"evactors listening on {info['url']} (data in {info['data_dir']})", flush=True)
+        if info.get("write_key"):
+            print(f"write key: {info['write_key']}  (project 'default'; kept in "
+                  f"{info['data_dir']}/write_key)", flush=True)
+
+    try:
+        return trio.run(run, config, ready)
+    except StartupError as e:
+        logging.getLogger("evactors").critical("cannot start: %s", e)
+        return EXIT_FATAL
+
+
+def _print_table(columns: list[str], rows: list[list[Any]], fmt: str) -> None:
+    if fmt == "json":
+        for row in rows:
+            print(json.dumps(dict(zip(columns, row)), default=str))
+        return
+    if fmt == "tsv":
+        for row in rows:
+            print("\t".join("" if v is None else str(v) for v in row))
+        return
+    text = [[("" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in text]) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in text:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+
+
+def _running_service(data_dir: Path) -> dict[str, Any] | None:
+    try:
+        info = json.loads((data_dir / "service.json").read_text())
+        os.kill(int(info["pid"]), 0)
+        return info
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def query_sql(config: cfg.Config, sql: str) -> tuple[list[str], list[list[Any]]]:
+    """Run SQL on the configured ClickHouse. With embedded chDB owned by a running
+    service, the query goes through that service (chDB allows one owner)."""
+    from .clickhouse import connect, embedded_dsn
+
+    data_dir = config.data_path
+    if not config.clickhouse.dsn:
+        info = _running_service(data_dir)
+        if info is not None:
+            token = (data_dir / "admin.token").read_text().strip()
+            request = urllib.request.Request(
+                info["url"].rstrip("/") + "/admin/query", data=sql.encode(), method="POST",
+                headers={"Authorization": f"Bearer {token}"})
+            try:
+                with urllib.request.urlopen(request, timeout=120) as response:
+                    body = json.loads(response.read())
+            except urllib.error.HTTPError as e:
+                raise RuntimeError(json.loads(e.read()).get("message", str(e))) from None
+            return body["columns"], body["rows"]
+        dsn = embedded_dsn(data_dir)
+        if not (data_dir / "clickhouse").exists():
+            raise RuntimeError(f"no data in {data_dir} (has the service run with this --data-dir?)")
+    else:
+        dsn = config.clickhouse.dsn
+    client = connect(dsn)
+    try:
+        result = client.query(sql)
+        return list(result.column_names), [list(r) for r in result.result_rows]
+    finally:
+        client.close()
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    try:
+        columns, rows = query_sql(config, args.sql)
+    except Exception as e:
+        print(f"query failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return EXIT_FATAL
+    _print_table(columns, rows, args.format)
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    print(msgspec.json.format(msgspec.json.encode(config)).decode())
+    print("config ok", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from .clickhouse import connect, embedded_dsn, migrate, schema_version
+
+    config = load_config(args)
+    if not config.clickhouse.dsn and _running_service(config.data_path):
+        print("the running service owns the embedded ClickHouse and migrates it at start",
+              file=sys.stderr)
+        return EXIT_OK
+    client = connect(config.clickhouse.dsn or embedded_dsn(config.data_path))
+    try:
+        applied = migrate(client, config.clickhouse.database)
+        print(f"schema version {schema_version(client, config.clickhouse.database)}"
+              f" (applied now: {applied or 'none'})")
+    finally:
+        client.close()
+    return EXIT_OK
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="evactors", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", help="TOML config file (default: $EVACTORS_CONFIG, else none)")
+        sp.add_argument("--data-dir", help="data directory (default ./data)")
+
+    run = sub.add_parser("run", help="run the service (embedded Valkey + chDB unless configured)")
+    common(run)
+    run.add_argument("--listen", help="HOST:PORT of the HTTP API (default 127.0.0.1:8080)")
+    run.add_argument("--write-key", action="append", metavar="KEY=PROJECT",
+                     help="a write key and its project (repeatable); replaces the config's keys")
+    run.add_argument("--redis-url", help="Redis/Valkey URL instead of the embedded server")
+    run.add_argument("--clickhouse-dsn", help="ClickHouse DSN instead of the embedded chDB")
+    run.set_defaults(func=cmd_run)
+
+    q = sub.add_parser("query", help="run SQL on the service's ClickHouse and print the result")
+    common(q)
+    q.add_argument("--clickhouse-dsn", help="ClickHouse DSN (default: the configured one)")
+    q.add_argument("--format", choices=["table", "json", "tsv"], default="table")
+    q.add_argument("sql")
+    q.set_defaults(func=cmd_query)
+
+    c = sub.add_parser("check-config", help="validate the configuration and print it in full")
+    common(c)
+    c.set_defaults(func=cmd_check_config)
+
+    m = sub.add_parser("migrate", help="create or migrate the ClickHouse schema")
+    common(m)
+    m.add_argument("--clickhouse-dsn", help="ClickHouse DSN (default: the configured one)")
+    m.set_defaults(func=cmd_migrate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except cfg.ConfigError as e:
+        print(f"evactors: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""ClickHouse: one client (HTTP server by DSN, or embedded chDB), the schema and its migrations.
+
+clickhouse-connect's async client is asyncio-only, so under trio the sync client runs in a
+worker thread behind a limiter of one. Inserts carry ``insert_deduplication_token``: the
+same planned chunk inserted twice (a retry after a crash) lands once, at insert time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import clickhouse_connect
+import msgspec
+import trio
+
+from .model import EventRow, ProfileRow, SessionRow
+
+log = logging.getLogger("evactors.clickhouse")
+
+# Blocks remembered per table for insert deduplication. A retried chunk is re-inserted
+# within minutes; 10k blocks covers hours at a flush a second.
+DEDUP_WINDOW = 10_000
+
+_EVENT_TYPES: dict[str, str] = {
+    "id": "UUID",
+    "project_id": "LowCardinality(String)",
+    "name": "LowCardinality(String)",
+    "device_id": "String",
+    "profile_id": "String",
+    "session_id": "String",
+    "created_at": "DateTime64(3, 'UTC')",
+    "received_at": "DateTime64(3, 'UTC')",
+    "path": "String",
+    "origin": "String",
+    "referrer": "String",
+    "referrer_name": "String",
+    "duration": "UInt64",
+    "properties": "Map(String, String)",
+    "country": "LowCardinality(String)",
+    "country_name": "LowCardinality(String)",
+    "region": "LowCardinality(String)",
+    "region_name": "LowCardinality(String)",
+    "city": "String",
+    "postal_code": "String",
+    "latitude": "Nullable(Float32)",
+    "longitude": "Nullable(Float32)",
+    "timezone": "LowCardinality(String)",
+    "browser": "LowCardinality(String)",
+    "browser_version": "String",
+    "os": "LowCardinality(String)",
+    "os_version": "String",
+    "device": "LowCardinality(String)",
+    "brand": "LowCardinality(String)",
+    "model": "String",
+    "utm_source": "String",
+    "utm_medium": "String",
+    "utm_campaign": "String",
+    "utm_term": "String",
+    "utm_content": "String",
+    "is_new_session": "UInt8",
+    "session_number": "UInt32",
+    "session_start": "DateTime64(3, 'UTC')",
+    "message_id": "String",
+    "type": "LowCardinality(String)",
+    "is_bot": "UInt8",
+    "bot_reason": "LowCardinality(String)",
+    "sdk_name": "LowCardinality(String)",
+    "sdk_version": "String",
+    "ip": "String",
+    "user_agent": "String",
+}
+
+_SESSION_TYPES: dict[str, str] = {
+    "session_id": "String",
+    "project_id": "LowCardinality(String)",
+    "device_id": "String",
+    "profile_id": "String",
+    "session_start": "DateTime64(3, 'UTC')",
+    "session_end": "DateTime64(3, 'UTC')",
+    "duration_seconds": "UInt32",
+    "page_count": "UInt32",
+    "event_count": "UInt32",
+    "session_number": "UInt32",
+    "entry_page": "String",
+    "exit_page": "String",
+    "referrer": "String",
+    "utm_source": "String",
+    "utm_medium": "String",
+    "utm_campaign": "String",
+    "utm_term": "String",
+    "utm_content": "String",
+    "country": "LowCardinality(String)",
+    "city": "String",
+    "browser": "LowCardinality(String)",
+    "os": "LowCardinality(String)",
+    "device": "LowCardinality(String)",
+    "reason": "LowCardinality(String)",
+    "version": "UInt64",
+}
+
+_PROFILE_TYPES: dict[str, str] = {
+    "project_id": "LowCardinality(String)",
+    "profile_id": "String",
+    "anonymous_id": "String",
+    "traits": "Map(String, String)",
+    "created_at": "DateTime64(3, 'UTC')",
+    "updated_at": "DateTime64(3, 'UTC')",
+}
+
+
+def _columns(types: dict[str, str], struct: type[msgspec.Struct]) -> str:
+    assert list(types) == list(struct.__struct_fields__), f"{struct.__name__} and its table differ"
+    return ",\n  ".join(f"`{name}` {typ}" for name, typ in types.items())
+
+
+TABLES: dict[str, tuple[type[msgspec.Struct], list[str]]] = {
+    "events": (EventRow, list(_EVENT_TYPES)),
+    "sessions": (SessionRow, list(_SESSION_TYPES)),
+    "profiles": (ProfileRow, list(_PROFILE_TYPES)),
+}
+
+# Ordered, append-only. A migration is one or more statements; {db} is the database.
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (1, "events, sessions, profiles", [
+        f"""CREATE TABLE IF NOT EXISTS {{db}}.events (
+  {_columns(_EVENT_TYPES, EventRow)}
+) ENGINE = MergeTree
+PARTITION BY toYYYYMM(created_at)
+ORDER BY (project_id, toDate(created_at), name, created_at)
+SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}""",
+        f"""CREATE TABLE IF NOT EXISTS {{db}}.sessions (
+  {_columns(_SESSION_TYPES, SessionRow)}
+) ENGINE = ReplacingMergeTree(version)
+PARTITION BY toYYYYMM(session_start)
+ORDER BY (project_id, session_id)
+SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}""",
+        f"""CREATE TABLE IF NOT EXISTS {{db}}.profiles (
+  {_columns(_PROFILE_TYPES, ProfileRow)}
+) ENGINE = ReplacingMergeTree(updated_at)
+ORDER BY (project_id, profile_id)
+SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}""",
+    ]),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def embedded_dsn(data_dir: Path) -> str:
+    return f"chdb://{(data_dir / 'clickhouse').resolve()}"
+
+
+def connect(dsn: str) -> Any:
+    """A sync clickhouse-connect client (chDB when the DSN is ``chdb://…``)."""
+    if dsn.startswith("chdb://"):
+        Path(dsn.removeprefix("chdb://")).mkdir(parents=True, exist_ok=True)
+    return clickhouse_connect.get_client(dsn=dsn)
+
+
+def migrate(client: Any, database: str) -> list[int]:
+    """Create the database and apply missing migrations, idempotently. Returns what ran."""
+    client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
+    client.command(
+        f"CREATE TABLE IF NOT EXISTS {database}.schema_migrations "
+        "(version UInt32, name String, applied_at DateTime('UTC') DEFAULT now()) "
+        "ENGINE = ReplacingMergeTree ORDER BY version"
+    )
+    done = {row[0] for row in client.query(
+        f"SELECT version FROM {database}.schema_migrations").result_rows}
+    applied = []
+    for version, name, statements in MIGRATIONS:
+        if version in done:
+            continue
+        for statement in statements:
+            client.command(statement.replace("{db}", database))
+        client.insert("schema_migrations", [[version, name]], column_names=["version", "name"],
+                      database=database)
+        log.info("schema migration %d applied: %s", version, name)
+        applied.append(version)
+    return applied
+
+
+def schema_version(client: Any, database: str) -> int:
+    rows = client.query(f"SELECT max(version) FROM {database}.schema_migrations").result_rows
+    return int(rows[0][0] or 0)
+
+
+class ClickHouse:
+    """The service's ClickHouse: a sync client used from one worker thread at a time."""
+
+    def __init__(self, dsn: str, database: str, timeout: float) -> None:
+        self.dsn = dsn
+        self.database = database
+        self.timeout = timeout
+        self.client: Any = None
+        self.limiter = trio.CapacityLimiter(1)
+
+    def open(self) -> None:
+        self.client = connect(self.dsn)
+        migrate(self.client, self.database)
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    def insert_sync(self, table: str, rows: Sequence[msgspec.Struct], token: str) -> None:
+        _struct, columns = TABLES[table]
+        data = [list(column) for column in zip(*(msgspec.structs.astuple(r) for r in rows))]
+        started = time.perf_counter()
+        self.client.insert(
+            table, data, column_names=columns, database=self.database, column_oriented=True,
+            settings={"insert_deduplication_token": token, "insert_deduplicate": 1},
+        )
+        log.debug("inserted %d rows into %s in %.1f ms", len(rows), table,
+                  (time.perf_counter() - started) * 1000)
+
+    async def insert(self, table: str, rows: Sequence[msgspec.Struct], token: str) -> None:
+        with trio.fail_after(self.timeout):
+            await trio.to_thread.run_sync(self.insert_sync, table, rows, token,
+                                          limiter=self.limiter, abandon_on_cancel=True)
+
+    def query_sync(self, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+        result = self.client.query(sql)
+        return list(result.column_names), result.result_rows
+
+    async def query(self, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+        with trio.fail_after(self.timeout):
+            return await trio.to_thread.run_sync(self.query_sync, sql, limiter=self.limiter,
+                                                 abandon_on_cancel=True)

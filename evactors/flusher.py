@@ -1,0 +1,141 @@
+"""Flusher: moves rows from the Redis buffer into ClickHouse, exactly once.
+
+Per shard: read the oldest entries of the buffer stream, record the planned range in
+Redis, insert each table's rows with an ``insert_deduplication_token`` derived from that
+range, and only then delete the entries. A crash anywhere re-reads the *same* recorded
+range and re-inserts it under the *same* token, which ClickHouse discards at insert time:
+rows are never lost (deleted only after the insert) and never doubled (same token).
+A ClickHouse failure keeps the rows in Redis and retries with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import msgspec
+import trio
+
+from . import metrics
+from .acker import REMOVE_ENTRIES
+from .clickhouse import ClickHouse
+from .messages import Notice
+from .redis_io import Keys, RedisIO, retrying
+from .sessions import decode_block
+
+log = logging.getLogger("evactors.flusher")
+
+READ_ENTRIES = 256
+
+
+class Plan(msgspec.Struct, array_like=True):
+    first: str
+    last: str
+
+
+class Flusher:
+    def __init__(self, redis: RedisIO, keys: Keys, clickhouse: ClickHouse, shards: int,
+                 chunk_rows: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.clickhouse = clickhouse
+        self.shards = shards
+        self.chunk_rows = chunk_rows
+        self.remove = redis.client.register_script(REMOVE_ENTRIES)
+
+    async def _entries(self, shard: int) -> tuple[Plan | None, list[tuple[bytes, dict[bytes, bytes]]]]:
+        """The recorded plan's entries, or a new plan over the oldest entries."""
+        plan_key, stream = self.keys.flush_plan(shard), self.keys.buffer(shard)
+        raw = await self.redis.run(self.redis.client.get, plan_key)
+        if raw is not None:
+            plan = msgspec.msgpack.decode(raw, type=Plan)
+            entries = await self.redis.run(self.redis.client.xrange, stream, plan.first, plan.last)
+            return plan, entries
+        entries = await self.redis.run(
+            lambda: self.redis.client.xrange(stream, "-", "+", count=READ_ENTRIES))
+        if not entries:
+            return None, []
+        rows, cut = 0, 0
+        for cut, (_id, fields) in enumerate(entries, 1):
+            rows += int(fields[b"n"])
+            if rows >= self.chunk_rows:
+                break
+        entries = entries[:cut]
+        plan = Plan(entries[0][0].decode(), entries[-1][0].decode())
+        await self.redis.run(self.redis.client.set, plan_key, msgspec.msgpack.encode(plan))
+        return plan, entries
+
+    async def flush_shard(self, shard: int, notices: trio.MemorySendChannel[Notice] | None) -> int:
+        """Move one chunk of a shard; returns the rows moved (0: nothing to do)."""
+        plan, entries = await retrying(f"flush-{shard} read", lambda: self._entries(shard))
+        if plan is None:
+            return 0
+        if not entries:  # the plan's entries are gone: a previous run finished the delete
+            await retrying(f"flush-{shard} plan", lambda: self.redis.run(
+                self.redis.client.delete, self.keys.flush_plan(shard)))
+            return 0
+        blocks = [decode_block(fields[b"d"]) for _id, fields in entries]
+        tables = {
+            "events": [r for b in blocks for r in b.events],
+            "sessions": [r for b in blocks for r in b.sessions],
+            "profiles": [r for b in blocks for r in b.profiles],
+        }
+        token = f"{self.keys.prefix}:{shard}:{plan.first}:{plan.last}"
+        for table, rows in tables.items():
+            if rows:
+                await self._insert(table, rows, f"{token}:{table}")
+        args: list[str | int] = []
+        for entry_id, fields in entries:
+            args += [entry_id.decode(), int(fields[b"n"])]
+        keys = [self.keys.buffer(shard), self.keys.buffer_count(shard), self.keys.flush_plan(shard)]
+        await retrying(f"flush-{shard} delete",
+                       lambda: self.redis.run(lambda: self.remove(keys=keys, args=args)))
+        if notices is not None and tables["events"]:
+            try:
+                notices.send_nowait(Notice("event:saved", tables["events"]))
+            except trio.WouldBlock:
+                metrics.PUBLISH_DROPPED.inc()
+        return sum(len(rows) for rows in tables.values())
+
+    async def _insert(self, table: str, rows: list[msgspec.Struct], token: str) -> None:
+        delay = 0.1
+        failures = 0
+        while True:
+            started = time.perf_counter()
+            try:
+                await self.clickhouse.insert(table, rows, token)
+            except Exception as e:  # any ClickHouse failure: keep the rows, back off, retry
+                failures += 1
+                metrics.CLICKHOUSE_ERRORS.labels("insert").inc()
+                log.warning("insert of %d rows into %s failed (attempt %d), retrying in %.1fs: %s",
+                            len(rows), table, failures, delay, str(e).splitlines()[0][:300])
+                await trio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
+            metrics.ROWS_INSERTED.labels(table).inc(len(rows))
+            if failures:
+                log.info("insert into %s succeeded after %d failures", table, failures)
+            return
+
+    async def flush_all(self, notices: trio.MemorySendChannel[Notice] | None) -> int:
+        """Flush every shard until each is empty (or only has what arrived meanwhile)."""
+        moved = 0
+        for shard in range(self.shards):
+            while True:
+                n = await self.flush_shard(shard, notices)
+                moved += n
+                if n < self.chunk_rows:
+                    break
+        return moved
+
+
+async def flusher(flush: Flusher, interval: float, drained: trio.Event,
+                  notices: trio.MemorySendChannel[Notice]) -> None:
+    """Flush periodically; when the pipeline has drained, flush the rest and stop."""
+    while not drained.is_set():
+        await flush.flush_all(notices)
+        with trio.move_on_after(interval):
+            await drained.wait()
+    moved = await flush.flush_all(notices)
+    log.info("final flush: %d rows", moved)

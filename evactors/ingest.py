@@ -1,0 +1,278 @@
+"""Ingest: the Segment-compatible HTTP API, served by hypercorn on trio.
+
+A request is answered ``200`` only after its events are durable in Redis: one stream
+entry per request (one MULTI with the backlog counter; WAITAOF too in ``strict`` mode).
+The events then go to the enricher pool over a bounded channel, so a slow pipeline slows
+the answers instead of piling up memory. Past the backlog high-water mark, or with Redis
+away, the answer is ``503`` with ``Retry-After``: nothing is accepted that cannot be kept.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import ipaddress
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from . import metrics
+from .bots import header_describes_sender
+from .cleanup import Backlog
+from .clickhouse import ClickHouse
+from .config import Config
+from .messages import IngestBatch, Receipt
+from .model import Incoming
+from .redis_io import TRANSIENT, Keys, RedisIO
+from .segment import ENDPOINTS, Peer, RequestError, body_write_key, decompress, parse
+
+log = logging.getLogger("evactors.ingest")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+_encode = msgspec.json.Encoder(enc_hook=str).encode
+_encode_events = msgspec.msgpack.Encoder().encode
+_CORS = [
+    (b"access-control-allow-origin", b"*"),
+    (b"access-control-allow-methods", b"POST, OPTIONS"),
+    (b"access-control-allow-headers", b"Content-Type, Authorization, Content-Encoding"),
+    (b"access-control-max-age", b"86400"),
+]
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+class WriteKeys:
+    """Write key → project. Keys are compared by their SHA-256 digests, so lookup time
+    does not depend on how much of a guessed key is right. Replaceable at run time."""
+
+    def __init__(self, keys: dict[str, str]) -> None:
+        self.replace(keys)
+
+    def replace(self, keys: dict[str, str]) -> None:
+        self._by_digest = {_digest(k): p for k, p in keys.items()}
+
+    def project(self, key: str | None) -> str | None:
+        if not key:
+            return None
+        return self._by_digest.get(_digest(key))
+
+
+class AdminToken:
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def check(self, header: str) -> bool:
+        scheme, _, value = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip(), self.token)
+
+
+class DurableLog:
+    """Appends accepted events to the ingest stream; returns once Redis has them."""
+
+    def __init__(self, redis: RedisIO, keys: Keys, wait_aof: bool) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.wait_aof = wait_aof
+
+    async def append(self, events: list[Incoming]) -> Receipt:
+        blob = _encode_events(events)
+
+        def build(pipe: Any) -> None:
+            pipe.xadd(self.keys.ingest, {b"e": blob})
+            pipe.incrby(self.keys.ingest_count, len(events))
+
+        entry_id, _count = await self.redis.pipeline(build, transaction=True)
+        if self.wait_aof:
+            local, _replicas = await self.redis.run(
+                lambda: self.redis.client.execute_command("WAITAOF", 1, 0, 5000))
+            if int(local) < 1:
+                raise TimeoutError("redis did not fsync the events in time (WAITAOF)")
+        return Receipt(entry_id.decode(), len(events))
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return ""
+
+
+def _basic_user(header: str) -> str | None:
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        user, _, _password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return user or None
+
+
+class Ingest:
+    def __init__(self, config: Config, write_keys: WriteKeys, log_: DurableLog,
+                 outbox: trio.MemorySendChannel[IngestBatch], backlog: Backlog,
+                 clickhouse: ClickHouse | None, admin: AdminToken,
+                 redis: RedisIO) -> None:
+        self.config = config
+        self.write_keys = write_keys
+        self.durable = log_
+        self.outbox = outbox
+        self.backlog = backlog
+        self.clickhouse = clickhouse
+        self.admin = admin
+        self.redis = redis
+        self.trusted = [ipaddress.ip_network(p, strict=False) for p in config.server.trusted_proxies]
+
+    # --- ASGI ------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        started = time.perf_counter()
+        path, method = scope["path"], scope["method"]
+        kind = ENDPOINTS.get(path.rstrip("/"))
+        try:
+            if kind is not None:
+                if method == "OPTIONS":
+                    status, headers, body = 204, list(_CORS), b""
+                elif method != "POST":
+                    raise RequestError(405, "method_not_allowed", f"{path} accepts POST")
+                else:
+                    status, payload, extra = await self.track(kind, scope, receive)
+                    headers, body = list(_CORS) + extra, _encode(payload)
+                    headers.append((b"content-type", b"application/json"))
+            else:
+                status, headers, body = await self.other(path, method, scope, receive)
+        except RequestError as e:
+            status, body = e.status, _encode(e.body)
+            headers = [(b"content-type", b"application/json")] + (list(_CORS) if kind else [])
+            if e.status == 503:
+                headers.append((b"retry-after", str(self.config.server.retry_after_seconds).encode()))
+        metrics.REQUESTS.labels(kind or "other", str(status)).inc()
+        if kind is not None:
+            metrics.HTTP_LATENCY.observe(time.perf_counter() - started)
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _body(self, scope: Scope, receive: Receive, limit: int) -> bytes:
+        declared = _header(scope, b"content-length")
+        if declared.isdigit() and int(declared) > limit:
+            raise RequestError(413, "batch_too_large",
+                               f"body is {declared} bytes; the limit is {limit} bytes (500 KB) per request")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise RequestError(400, "client_disconnected", "client went away")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, "batch_too_large",
+                                   f"body exceeds the limit of {limit} bytes (500 KB) per request")
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    def _peer(self, scope: Scope) -> str:
+        client = scope.get("client")
+        peer = client[0] if client else ""
+        if not self.trusted or not peer:
+            return peer
+        try:
+            if not any(ipaddress.ip_address(peer) in net for net in self.trusted):
+                return peer
+        except ValueError:
+            return peer
+        for hop in reversed([h.strip() for h in _header(scope, b"x-forwarded-for").split(",") if h.strip()]):
+            try:
+                if not any(ipaddress.ip_address(hop) in net for net in self.trusted):
+                    return hop
+            except ValueError:
+                return peer
+        return peer
+
+    async def track(self, kind: str, scope: Scope, receive: Receive) -> tuple[int, dict[str, Any], list[tuple[bytes, bytes]]]:
+        limits = self.config.server
+        if self.backlog.cached > limits.high_water_events:
+            raise RequestError(503, "backlog_full", "the durable backlog is over its high-water "
+                               "mark; retry later", retry_after=limits.retry_after_seconds)
+        raw = await self._body(scope, receive, limits.max_batch_bytes)
+        body = decompress(raw, _header(scope, b"content-encoding"), limits.max_batch_bytes)
+        key = _basic_user(_header(scope, b"authorization")) or body_write_key(body)
+        project = self.write_keys.project(key)
+        if project is None:
+            raise RequestError(401, "unauthorized", "missing write key" if not key else "unknown write key")
+        header_ua = _header(scope, b"user-agent")
+        if header_describes_sender(header_ua):
+            header_ua = ""  # curl, an SDK's HTTP client…: the sender, not a visitor
+        peer = Peer(self._peer(scope), header_ua, int(time.time() * 1000))
+        parsed = parse(kind, body, project, peer, limits.max_event_bytes)
+        for rejected in parsed.rejected:
+            metrics.EVENTS_REJECTED.labels(rejected.field).inc()
+        if parsed.events:
+            try:
+                receipt = await self.durable.append(parsed.events)
+            except (*TRANSIENT, TimeoutError) as e:
+                log.warning("cannot store events, answering 503: %s", e)
+                metrics.EVENTS_REJECTED.labels("redis_unavailable").inc(len(parsed.events))
+                raise RequestError(503, "storage_unavailable",
+                                   "events cannot be stored durably right now; retry later") from None
+            metrics.EVENTS_ACCEPTED.labels(project).inc(len(parsed.events))
+            await self.outbox.send(IngestBatch([receipt], parsed.events))
+        if parsed.rejected:
+            return 400, {
+                "success": False, "error": "invalid_events",
+                "message": f"{len(parsed.rejected)} event(s) rejected, {len(parsed.events)} accepted",
+                "accepted": len(parsed.events),
+                "rejected": [r.as_dict() for r in parsed.rejected[:100]],
+            }, []
+        return 200, {"success": True}, []
+
+    async def other(self, path: str, method: str, scope: Scope, receive: Receive) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        json = [(b"content-type", b"application/json")]
+        if path == "/health/live":
+            return 200, json, b'{"status":"live"}'
+        if path == "/health/ready":
+            try:
+                with trio.fail_after(2):
+                    await self.redis.run(self.redis.client.ping)
+            except (*TRANSIENT, trio.TooSlowError):
+                return 503, json, b'{"status":"redis unavailable"}'
+            if self.backlog.cached > self.config.server.high_water_events:
+                return 503, json, b'{"status":"backlog over high-water mark"}'
+            return 200, json, b'{"status":"ready"}'
+        if path == "/metrics":
+            return 200, [(b"content-type", CONTENT_TYPE_LATEST.encode())], generate_latest(metrics.REGISTRY)
+        if path == "/admin/query" and method == "POST":
+            if not self.admin.check(_header(scope, b"authorization")):
+                raise RequestError(401, "unauthorized", "admin token required (Bearer)")
+            if self.clickhouse is None:
+                raise RequestError(404, "not_found", "no ClickHouse in this process")
+            sql = (await self._body(scope, receive, 1 << 20)).decode()
+            try:
+                columns, rows = await self.clickhouse.query(sql)
+            except Exception as e:
+                raise RequestError(400, "query_failed", str(e).splitlines()[0][:2000]) from None
+            return 200, json, _encode({"columns": columns, "rows": rows})
+        raise RequestError(404, "not_found", f"no endpoint {path}")

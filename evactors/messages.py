@@ -1,0 +1,48 @@
+"""What actors send each other over their bounded channels: always batches, never single events."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .model import EventRow, Incoming
+
+
+@dataclass
+class Receipt:
+    """One durable ingest entry, split over session shards. When every part is committed
+    (``remaining`` hits 0) the entry may be deleted from the ingest stream."""
+
+    entry_id: str
+    events: int
+    remaining: int = 0
+
+
+@dataclass
+class IngestBatch:
+    """Events of one or more accepted requests, already durable in the ingest stream."""
+
+    receipts: list[Receipt]
+    events: list[Incoming]
+
+
+@dataclass
+class Enriched:
+    row: EventRow
+    incoming: Incoming
+    shard: int
+
+
+@dataclass
+class ShardBatch:
+    """A shard's part of one or more ingest batches."""
+
+    events: list[Enriched] = field(default_factory=list)
+    receipts: list[Receipt] = field(default_factory=list)
+
+
+@dataclass
+class Notice:
+    """For the publisher: rows just received (committed to the buffer) or saved (in ClickHouse)."""
+
+    channel: str  # "event:received" | "event:saved"
+    rows: list[EventRow]

@@ -1,0 +1,39 @@
+"""Prometheus metrics of every actor, in one registry the service exposes on ``/metrics``."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+EVENTS_ACCEPTED = Counter("evactors_events_accepted", "Events acknowledged to clients (durable in Redis)",
+                          ["project"], registry=REGISTRY)
+EVENTS_REJECTED = Counter("evactors_events_rejected", "Events refused at ingest, by reason",
+                          ["reason"], registry=REGISTRY)
+REQUESTS = Counter("evactors_http_requests", "HTTP requests by endpoint and status",
+                   ["endpoint", "status"], registry=REGISTRY)
+HTTP_LATENCY = Histogram("evactors_http_latency_seconds", "Time to answer an ingest request",
+                         buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5),
+                         registry=REGISTRY)
+DUPLICATES = Counter("evactors_duplicates", "Events dropped as duplicates of a messageId",
+                     registry=REGISTRY)
+BOTS = Counter("evactors_bots", "Bot events, by reason", ["reason"], registry=REGISTRY)
+STAGE_EVENTS = Counter("evactors_stage_events", "Events out of each stage", ["stage"],
+                       registry=REGISTRY)
+ROWS_INSERTED = Counter("evactors_rows_inserted", "Rows inserted into ClickHouse", ["table"],
+                        registry=REGISTRY)
+FLUSH_SECONDS = Histogram("evactors_flush_seconds", "Duration of one ClickHouse insert",
+                          registry=REGISTRY)
+CLICKHOUSE_ERRORS = Counter("evactors_clickhouse_errors", "Failed ClickHouse operations",
+                            ["operation"], registry=REGISTRY)
+REDIS_ERRORS = Counter("evactors_redis_errors", "Failed Redis operations (retried)", ["operation"],
+                       registry=REGISTRY)
+ACTOR_RESTARTS = Counter("evactors_actor_restarts", "Restarts of crashed actors", ["actor"],
+                         registry=REGISTRY)
+SESSIONS_CLOSED = Counter("evactors_sessions_closed", "Sessions closed", registry=REGISTRY)
+BACKLOG = Gauge("evactors_backlog_events", "Events durable in Redis, not yet in ClickHouse",
+                registry=REGISTRY)
+PUBLISH_DROPPED = Counter("evactors_publish_dropped", "Notifications skipped (publisher behind)",
+                          registry=REGISTRY)
+REPLAYED = Counter("evactors_replayed_entries", "Ingest entries re-fed after a crash or restart",
+                   registry=REGISTRY)

@@ -1,0 +1,322 @@
+"""Session actors: one per shard of the (project, device) key space.
+
+Each batch costs two Redis round trips: one reads the dedup markers and user states of
+the whole batch, one commits everything in a MULTI/EXEC transaction — dedup markers,
+new user states, the rows for ClickHouse (one buffer-stream entry), the open-session
+index. Because the commit is atomic and a shard is processed by one task at a time, a
+replayed batch (after a crash, before its ingest entry was deleted) finds its events
+marked and adds nothing: no event is kept twice, none is marked without being kept.
+
+Sessions follow event time: a gap of more than the timeout starts a new one. A sweep
+closes sessions that have had no event for the timeout by wall clock, so a session ends
+even when its user never comes back. The last ``screen_view`` of a session is held in the
+session state until the next one (or the end) gives it a duration; events that are not
+screen views take the path/origin of that held one and record its id in
+``properties.__inherit_from``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import msgspec
+import trio
+
+from . import metrics
+from .messages import Enriched, Notice, Receipt, ShardBatch
+from .model import EventRow, ProfileRow, SessionRow, event_id, flatten, session_id
+from .redis_io import Keys, RedisIO, retrying
+
+log = logging.getLogger("evactors.sessions")
+
+YEAR = 365 * 24 * 3600
+SWEEP_LIMIT = 500
+
+
+class OpenSession(msgspec.Struct, array_like=True):
+    id: str
+    start: int  # event time, ms
+    last: int  # event time of the latest event, ms
+    seen: int  # wall clock of the latest event, ms
+    pages: int
+    events: int
+    entry: str
+    exit: str
+    referrer: str
+    utm_source: str
+    utm_medium: str
+    utm_campaign: str
+    utm_term: str
+    utm_content: str
+    profile_id: str
+    country: str
+    city: str
+    browser: str
+    os: str
+    device: str
+    reason: str
+    pending: EventRow | None  # the last screen_view, waiting for its duration
+
+
+class UserState(msgspec.Struct, array_like=True):
+    """Per (project, device): the session counter (kept a year) and the open session."""
+
+    sessions: int
+    session: OpenSession | None = None
+
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode_state = msgspec.msgpack.Decoder(UserState).decode
+
+
+class Block(msgspec.Struct, array_like=True):
+    """One buffer-stream entry: the rows of one commit, per table."""
+
+    events: list[EventRow]
+    sessions: list[SessionRow]
+    profiles: list[ProfileRow]
+
+
+encode_block = _encode
+decode_block = msgspec.msgpack.Decoder(Block).decode
+
+
+class Commit:
+    """What one unit of work writes, gathered before the transaction."""
+
+    def __init__(self) -> None:
+        self.events: list[EventRow] = []
+        self.sessions: list[SessionRow] = []
+        self.profiles: list[ProfileRow] = []
+        self.dedup_keys: list[str] = []
+        self.states: dict[str, UserState] = {}
+        self.open: dict[str, int] = {}  # state key → last activity
+        self.closed: list[str] = []
+
+    @property
+    def rows(self) -> int:
+        return len(self.events) + len(self.sessions) + len(self.profiles)
+
+
+class SessionShard:
+    def __init__(self, shard: int, redis: RedisIO, keys: Keys, timeout_s: int, dedup_s: int,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.shard = shard
+        self.redis = redis
+        self.keys = keys
+        self.timeout_ms = timeout_s * 1000
+        self.dedup_s = dedup_s
+        self.clock = clock
+
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def state_key(self, project: str, device: str) -> str:
+        return self.keys.user_state(self.shard, project, device)
+
+    # --- reading ---------------------------------------------------------------------
+
+    async def _load(self, dedup_keys: list[str], state_keys: list[str]) -> tuple[list[bool], dict[str, UserState]]:
+        def build(pipe: object) -> None:
+            if dedup_keys:
+                pipe.mget(dedup_keys)  # type: ignore[attr-defined]
+            if state_keys:
+                pipe.mget(state_keys)  # type: ignore[attr-defined]
+
+        results = await self.redis.pipeline(build) if dedup_keys or state_keys else []
+        seen = [v is not None for v in results[0]] if dedup_keys else []
+        raw_states = results[-1] if state_keys else []
+        states = {k: _decode_state(v) if v else UserState(0) for k, v in zip(state_keys, raw_states)}
+        return seen, states
+
+    # --- sessionizing ----------------------------------------------------------------
+
+    def _close(self, key: str, state: UserState, commit: Commit, now: int) -> None:
+        s = state.session
+        assert s is not None
+        project, device = key.split(":u:", 1)[1].split(":", 1)
+        end = s.last
+        if s.pending is not None:
+            s.pending.duration = max(0, end - s.pending.created_at)
+            commit.events.append(s.pending)
+        commit.events.append(EventRow(
+            id=event_id(project, f"session_end:{s.id}"), project_id=project, name="session_end",
+            device_id=device, profile_id=s.profile_id, session_id=s.id, created_at=end,
+            received_at=now, path=s.exit, origin="", referrer=s.referrer, referrer_name="",
+            duration=end - s.start, properties={}, country=s.country, country_name="", region="",
+            region_name="", city=s.city, postal_code="", latitude=None, longitude=None,
+            timezone="", browser=s.browser, browser_version="", os=s.os, os_version="",
+            device=s.device, brand="", model="", utm_source=s.utm_source,
+            utm_medium=s.utm_medium, utm_campaign=s.utm_campaign, utm_term=s.utm_term,
+            utm_content=s.utm_content, is_new_session=0, session_number=state.sessions,
+            session_start=s.start, message_id="", type="session_end", is_bot=0, bot_reason="",
+            sdk_name="", sdk_version="", ip="", user_agent=""))
+        commit.sessions.append(SessionRow(
+            session_id=s.id, project_id=project, device_id=device, profile_id=s.profile_id,
+            session_start=s.start, session_end=end, duration_seconds=(end - s.start) // 1000,
+            page_count=s.pages, event_count=s.events, session_number=state.sessions,
+            entry_page=s.entry, exit_page=s.exit, referrer=s.referrer, utm_source=s.utm_source,
+            utm_medium=s.utm_medium, utm_campaign=s.utm_campaign, utm_term=s.utm_term,
+            utm_content=s.utm_content, country=s.country, city=s.city, browser=s.browser,
+            os=s.os, device=s.device, reason=s.reason, version=now))
+        state.session = None
+        commit.states[key] = state
+        commit.closed.append(key)
+        commit.open.pop(key, None)
+        metrics.SESSIONS_CLOSED.inc()
+
+    def _apply(self, key: str, state: UserState, item: Enriched, commit: Commit, now: int) -> None:
+        row = item.row
+        s = state.session
+        if s is not None and row.created_at - s.last > self.timeout_ms:
+            self._close(key, state, commit, now)
+            s = None
+        if s is None:
+            state.sessions += 1
+            s = OpenSession(
+                id=session_id(row.project_id, row.device_id, row.created_at),
+                start=row.created_at, last=row.created_at, seen=now, pages=0, events=0,
+                entry="", exit="", referrer=row.referrer, utm_source=row.utm_source,
+                utm_medium=row.utm_medium, utm_campaign=row.utm_campaign, utm_term=row.utm_term,
+                utm_content=row.utm_content, profile_id="", country=row.country, city=row.city,
+                browser=row.browser, os=row.os, device=row.device, reason="", pending=None)
+            state.session = s
+            row.is_new_session = 1
+        s.last = max(s.last, row.created_at)
+        s.seen = now
+        s.events += 1
+        s.profile_id = row.profile_id or s.profile_id
+        row.profile_id = row.profile_id or s.profile_id
+        row.session_id, row.session_number, row.session_start = s.id, state.sessions, s.start
+        if row.name == "screen_view":
+            s.pages += 1
+            s.entry = s.entry or row.path
+            s.exit = row.path or s.exit
+            if s.pending is not None:
+                s.pending.duration = max(0, row.created_at - s.pending.created_at)
+                commit.events.append(s.pending)
+            s.pending = row
+        else:
+            held = s.pending
+            if held is not None and held.created_at <= row.created_at:
+                row.path, row.origin = held.path, held.origin
+                row.properties["__inherit_from"] = held.id
+            commit.events.append(row)
+        if row.type == "identify" and row.profile_id:
+            commit.profiles.append(ProfileRow(
+                project_id=row.project_id, profile_id=row.profile_id, anonymous_id=row.device_id,
+                traits=flatten(item.incoming.traits), created_at=row.created_at,
+                updated_at=row.created_at))
+        commit.states[key] = state
+        commit.open[key] = now
+
+    # --- committing ------------------------------------------------------------------
+
+    async def _commit(self, commit: Commit) -> None:
+        keys, shard = self.keys, self.shard
+        block = encode_block(Block(commit.events, commit.sessions, commit.profiles)) if commit.rows else None
+
+        def build(pipe: object) -> None:
+            p = pipe
+            for k in commit.dedup_keys:
+                p.set(k, b"1", ex=self.dedup_s)  # type: ignore[attr-defined]
+            for k, state in commit.states.items():
+                p.set(k, _encode(state), ex=YEAR)  # type: ignore[attr-defined]
+            if commit.open:
+                p.zadd(keys.session_index(shard), commit.open)  # type: ignore[attr-defined]
+            if commit.closed:
+                p.zrem(keys.session_index(shard), *commit.closed)  # type: ignore[attr-defined]
+            if block is not None:
+                p.xadd(keys.buffer(shard), {b"n": commit.rows, b"d": block})  # type: ignore[attr-defined]
+                p.incrby(keys.buffer_count(shard), commit.rows)  # type: ignore[attr-defined]
+
+        await self.redis.pipeline(build, transaction=True)
+
+    async def process(self, items: list[Enriched]) -> Commit:
+        """Dedup, sessionize and commit one unit. Safe to re-run after a failure."""
+        now = self._now_ms()
+        items = sorted(items, key=lambda e: e.row.created_at)
+        dedup_keys = [self.keys.dedup(self.shard, e.row.project_id, e.row.message_id) for e in items]
+        state_keys = list(dict.fromkeys(self.state_key(e.row.project_id, e.row.device_id) for e in items))
+        seen, states = await self._load(dedup_keys, state_keys)
+        commit = Commit()
+        fresh: set[str] = set()
+        duplicates = 0
+        for item, dedup_key, was_seen in zip(items, dedup_keys, seen, strict=True):
+            if was_seen or dedup_key in fresh:
+                duplicates += 1
+                continue
+            fresh.add(dedup_key)
+            commit.dedup_keys.append(dedup_key)
+            key = self.state_key(item.row.project_id, item.row.device_id)
+            self._apply(key, states[key], item, commit, now)
+        await self._commit(commit)
+        metrics.DUPLICATES.inc(duplicates)
+        metrics.STAGE_EVENTS.labels("session").inc(len(commit.dedup_keys))
+        return commit
+
+    async def sweep(self) -> Commit | None:
+        """Close sessions idle (wall clock) for longer than the timeout."""
+        now = self._now_ms()
+        index = self.keys.session_index(self.shard)
+        expired = await self.redis.run(
+            lambda: self.redis.client.zrangebyscore(index, "-inf", now - self.timeout_ms,
+                                                    start=0, num=SWEEP_LIMIT))
+        if not expired:
+            return None
+        keys = [k.decode() for k in expired]
+        _, states = await self._load([], keys)
+        commit = Commit()
+        for key in keys:
+            state = states[key]
+            if state.session is not None and state.session.seen <= now - self.timeout_ms:
+                self._close(key, state, commit, now)
+            elif state.session is None:
+                commit.closed.append(key)
+        await self._commit(commit)
+        return commit
+
+
+async def session_actor(shard: SessionShard, inbox: trio.MemoryReceiveChannel[ShardBatch],
+                        done: trio.MemorySendChannel[list[Receipt]],
+                        notices: trio.MemorySendChannel[Notice], sweep_every: float,
+                        max_events: int = 2000) -> None:
+    """Receive shard batches (coalescing what is queued), commit them, report receipts."""
+    next_sweep = trio.current_time() + sweep_every
+    while True:
+        batch: ShardBatch | None = None
+        with trio.move_on_after(max(0.0, next_sweep - trio.current_time())):
+            try:
+                batch = await inbox.receive()
+            except trio.EndOfChannel:
+                return
+        if trio.current_time() >= next_sweep:
+            commit = await retrying(f"session-{shard.shard} sweep", shard.sweep)
+            while commit is not None and len(commit.closed) >= SWEEP_LIMIT:
+                commit = await retrying(f"session-{shard.shard} sweep", shard.sweep)
+            next_sweep = trio.current_time() + sweep_every
+        if batch is None:
+            continue
+        items, receipts = list(batch.events), list(batch.receipts)
+        while len(items) < max_events:
+            try:
+                more = inbox.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            items.extend(more.events)
+            receipts.extend(more.receipts)
+        commit = await retrying(f"session-{shard.shard} commit", lambda: shard.process(items))
+        finished = []
+        for receipt in receipts:
+            receipt.remaining -= 1
+            if receipt.remaining == 0:
+                finished.append(receipt)
+        if finished:
+            await done.send(finished)
+        if commit.events:
+            try:
+                notices.send_nowait(Notice("event:received", commit.events))
+            except trio.WouldBlock:
+                metrics.PUBLISH_DROPPED.inc()

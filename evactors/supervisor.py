@@ -1,0 +1,304 @@
+"""The supervisor: starts the real parts, wires the actors and owns their channels.
+
+::
+
+    HTTP ─► ingest ─[IngestBatch]─► enricher ×N ─[ShardBatch]─► session ×S ─► Redis buffer
+              ▲ replayer ─┘                  └───[receipts]──► acker  ◄──────┘
+                                                 flusher ◄── Redis buffer ─► ClickHouse
+              session/flusher ─[Notice]─► publisher ─► pub/sub, live keys
+
+Every actor runs under ``supervise``: an exception restarts it with exponential backoff,
+too many within a window stops the service (exit 1). Channel ends belong to the
+supervisor, which closes an actor's outgoing ends only when the actor is finished for
+good, so a restart keeps its channels and a normal end cascades downstream.
+
+Graceful stop (SIGTERM/SIGINT): ingest stops accepting and finishes its requests; each
+actor ends when its inbox closes; the flusher flushes the rest; all of it under the drain
+deadline. What does not make it stays durable in Redis for the next start. A second
+signal cancels at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import secrets
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from . import metrics
+from .acker import acker
+from .bots import BotDetector
+from .cleanup import Backlog, cleanup
+from .clickhouse import ClickHouse, embedded_dsn
+from .config import Config
+from .enrich import Enricher, enricher
+from .flusher import Flusher, flusher
+from .geoip import GeoIP
+from .ingest import AdminToken, DurableLog, Ingest, WriteKeys
+from .messages import IngestBatch, Notice, Receipt, ShardBatch
+from .publisher import Publisher, publisher
+from .redis_io import TRANSIENT, DataDirLock, EmbeddedValkey, Keys, RedisIO
+from .replay import replayer
+from .sessions import SessionShard, session_actor
+from .useragent import UserAgentParser
+
+log = logging.getLogger("evactors.supervisor")
+
+EXIT_OK, EXIT_FATAL, EXIT_CONFIG = 0, 1, 2
+
+
+class StartupError(Exception):
+    """The service cannot start (data dir in use, a part will not come up)."""
+
+
+class ActorFailed(Exception):
+    pass
+
+
+class Supervisor:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.failures: dict[str, list[float]] = {}
+
+    async def supervise(self, name: str, actor: Callable[..., Awaitable[None]], *args: Any,
+                        closes: tuple[Any, ...] = ()) -> None:
+        """Run ``actor(*args)`` until it returns; restart it when it raises."""
+        sup = self.config.supervisor
+        delay = sup.backoff_initial_seconds
+        try:
+            while True:
+                try:
+                    await actor(*args)
+                    return
+                except Exception as e:
+                    now = time.monotonic()
+                    recent = [t for t in self.failures.get(name, []) if now - t < sup.restart_window_seconds]
+                    recent.append(now)
+                    self.failures[name] = recent
+                    metrics.ACTOR_RESTARTS.labels(name).inc()
+                    if len(recent) > sup.max_restarts:
+                        log.critical("actor %s crashed %d times in %.0fs; stopping the service",
+                                     name, len(recent), sup.restart_window_seconds, exc_info=e)
+                        raise ActorFailed(name) from e
+                    log.error("actor %s crashed (%s: %s); restarting in %.2fs", name,
+                              type(e).__name__, e, delay, exc_info=e)
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, sup.backoff_max_seconds)
+        finally:
+            for channel in closes:
+                channel.close()
+
+
+def load_or_create_write_key(data_dir: Path) -> tuple[str, str]:
+    """The generated write key of a config without any, kept in the data dir."""
+    path = data_dir / "write_key"
+    if path.exists():
+        key, _, project = path.read_text().strip().partition("=")
+        if key and project:
+            return key, project
+    key = secrets.token_urlsafe(24)
+    path.write_text(f"{key}=default\n")
+    path.chmod(0o600)
+    return key, "default"
+
+
+def load_or_create_admin_token(data_dir: Path) -> str:
+    path = data_dir / "admin.token"
+    if path.exists():
+        return path.read_text().strip()
+    token = secrets.token_urlsafe(32)
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return token
+
+
+async def _watch_signals(shutdown: trio.Event, hard_stop: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if not shutdown.is_set():
+                log.info("%s: stopping; draining in-flight events", signal.Signals(signum).name)
+                shutdown.set()
+            else:
+                log.warning("second signal: stopping at once (unflushed events stay in Redis)")
+                hard_stop.cancel()
+                return
+
+
+async def run(config: Config, ready: Callable[[dict[str, Any]], None] | None = None) -> int:
+    """Run the service until stopped. Returns the process exit code."""
+    data_dir = config.data_path
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock = DataDirLock(data_dir)
+    if not lock.acquire():
+        raise StartupError(f"another evactors owns {data_dir} (lock {lock.path})")
+    with ExitStack() as stack:
+        stack.callback(lock.release)
+        # Real parts: Redis (embedded Valkey unless a URL is set), ClickHouse, GeoIP.
+        redis_url = config.redis.url
+        embedded = None
+        if not redis_url:
+            embedded = EmbeddedValkey(data_dir, config.redis.durability)
+            await trio.to_thread.run_sync(embedded.start)
+            stack.callback(embedded.stop)
+            redis_url = embedded.url
+        redis = RedisIO(redis_url, config.redis.timeout_seconds)
+        stack.callback(redis.close)
+        await trio.to_thread.run_sync(redis.client.ping)
+        wait_aof = config.redis.durability == "strict" and embedded is None
+        if wait_aof:
+            await _check_strict(redis)
+        dsn = config.clickhouse.dsn or embedded_dsn(data_dir)
+        clickhouse = ClickHouse(dsn, config.clickhouse.database, config.clickhouse.timeout_seconds)
+        await trio.to_thread.run_sync(clickhouse.open)
+        stack.callback(clickhouse.close)
+        pipe = config.pipeline
+        geoip = GeoIP(config.geoip.database or None, pipe.geo_cache_size)
+
+        write_keys = dict(config.write_keys)
+        generated = None
+        if not write_keys:
+            key, project = load_or_create_write_key(data_dir)
+            write_keys = {key: project}
+            generated = key
+        admin = AdminToken(load_or_create_admin_token(data_dir))
+        code = await _serve(config, redis, clickhouse, geoip, WriteKeys(write_keys), admin,
+                            wait_aof, generated, data_dir, ready)
+        return code
+    return EXIT_OK  # pragma: no cover (the ExitStack does not swallow)
+
+
+async def _check_strict(redis: RedisIO) -> None:
+    try:
+        await redis.run(lambda: redis.client.execute_command("WAITAOF", 0, 0, 1))
+        return
+    except Exception as e:
+        if "unknown command" not in str(e).lower() and "aof" not in str(e).lower():
+            raise
+    fsync = await redis.run(lambda: redis.client.config_get("appendfsync"))
+    if fsync.get("appendfsync") != "always":
+        raise StartupError("redis.durability = strict needs WAITAOF (Redis ≥ 7.2 / Valkey) with "
+                           "appendonly yes, or appendfsync always on the server")
+
+
+async def _serve(config: Config, redis: RedisIO, clickhouse: ClickHouse, geoip: GeoIP,
+                 write_keys: WriteKeys, admin: AdminToken, wait_aof: bool,
+                 generated_key: str | None, data_dir: Path,
+                 ready: Callable[[dict[str, Any]], None] | None) -> int:
+    pipe = config.pipeline
+    keys = Keys(config.redis.key_prefix)
+    sup = Supervisor(config)
+    capacity = pipe.channel_batches
+    shutdown, drained = trio.Event(), trio.Event()
+
+    to_enrich_tx, to_enrich_rx = trio.open_memory_channel[IngestBatch](capacity)
+    shard_channels = [trio.open_memory_channel[ShardBatch](capacity) for _ in range(pipe.session_shards)]
+    done_tx, done_rx = trio.open_memory_channel[list[Receipt]](capacity * 8)
+    notice_tx, notice_rx = trio.open_memory_channel[Notice](capacity * 8)
+
+    backlog = Backlog(redis, keys, pipe.session_shards)
+    await backlog.exact()
+    enrich = Enricher(pipe, geoip, UserAgentParser(pipe.ua_cache_size), BotDetector(pipe.ua_cache_size))
+    flush = Flusher(redis, keys, clickhouse, pipe.session_shards, config.flush.chunk_rows)
+    ingest = Ingest(config, write_keys, DurableLog(redis, keys, wait_aof), to_enrich_tx.clone(),
+                    backlog, clickhouse, admin, redis)
+    publish = Publisher(redis, keys)
+    exit_code = EXIT_OK
+
+    async def serve_http(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        hconfig = hypercorn.config.Config()
+        hconfig.bind = [config.server.listen]
+        hconfig.accesslog = None
+        hconfig.errorlog = logging.getLogger("evactors.http")
+        hconfig.graceful_timeout = max(1.0, config.supervisor.drain_seconds / 3)
+        hconfig.keep_alive_timeout = 30
+        hconfig.h11_max_incomplete_size = 64 * 1024
+        try:
+            await hypercorn.trio.serve(ingest, hconfig, shutdown_trigger=shutdown.wait,
+                                       task_status=task_status)
+        finally:
+            ingest.outbox.close()
+
+    async def drain_deadline(cancel: trio.CancelScope) -> None:
+        await shutdown.wait()
+        await trio.sleep(config.supervisor.drain_seconds)
+        log.warning("drain deadline (%.0fs) reached; what is left stays durable in Redis",
+                    config.supervisor.drain_seconds)
+        cancel.cancel()
+
+    try:
+        async with trio.open_nursery() as root:
+            root.start_soon(_watch_signals, shutdown, root.cancel_scope)
+            root.start_soon(drain_deadline, root.cancel_scope)
+            # Background actors: cancelled with the root once the pipeline has drained.
+            root.start_soon(sup.supervise, "cleanup", cleanup, backlog)
+            root.start_soon(sup.supervise, "geoip-reloader", geoip.watch,
+                            config.geoip.reload_check_seconds)
+            async with trio.open_nursery() as actors:
+                actors.start_soon(sup.supervise, "publisher", publisher, publish, notice_rx)
+
+                async def acker_then_drained() -> None:
+                    await sup.supervise("acker", acker, redis, keys, done_rx)
+                    drained.set()
+
+                actors.start_soon(acker_then_drained)
+                flusher_notices = notice_tx.clone()
+                actors.start_soon(functools.partial(sup.supervise, "flusher", flusher, flush,
+                                                    config.flush.interval_seconds, drained,
+                                                    flusher_notices, closes=(flusher_notices,)))
+                for i, (tx, rx) in enumerate(shard_channels):
+                    shard = SessionShard(i, redis, keys, pipe.session_timeout_seconds,
+                                         pipe.dedup_window_seconds)
+                    d, n = done_tx.clone(), notice_tx.clone()
+                    actors.start_soon(functools.partial(
+                        sup.supervise, f"session-{i}", session_actor, shard, rx, d, n,
+                        pipe.session_sweep_seconds, closes=(d, n)))
+                shard_txs = [tx for tx, _ in shard_channels]
+                for j in range(pipe.enrichers):
+                    outs = [tx.clone() for tx in shard_txs]
+                    d = done_tx.clone()
+                    actors.start_soon(functools.partial(
+                        sup.supervise, f"enricher-{j}", enricher, enrich, pipe.session_shards,
+                        to_enrich_rx.clone(), outs, d, closes=(*outs, d)))
+                for tx in shard_txs:
+                    tx.close()
+                done_tx.close()
+                notice_tx.close()
+                to_enrich_rx.close()
+                replay_tx = to_enrich_tx.clone()
+                actors.start_soon(functools.partial(sup.supervise, "replayer", replayer, redis, keys,
+                                                    replay_tx, shutdown, closes=(replay_tx,)))
+                to_enrich_tx.close()
+                binds = await actors.start(serve_http)
+                info = {"pid": os.getpid(), "url": binds[0] if binds else "",
+                        "data_dir": str(data_dir), "write_key": generated_key}
+                (data_dir / "service.json").write_text(json.dumps(info))
+                log.info("listening on %s", ", ".join(binds))
+                if ready is not None:
+                    ready(info)
+            root.cancel_scope.cancel()
+    except* ActorFailed:
+        exit_code = EXIT_FATAL
+    finally:
+        try:
+            (data_dir / "service.json").unlink()
+        except FileNotFoundError:
+            pass
+    try:
+        with trio.move_on_after(2):
+            left = await backlog.exact()
+            log.info("stopped; %d events remain durable in Redis", left)
+    except TRANSIENT:
+        pass
+    return exit_code
+

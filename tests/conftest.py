@@ -1,0 +1,181 @@
+"""Test helpers: a real evactors service in its own process, with its own data dir (its own
+embedded Valkey and chDB). chDB allows one engine per process, so the test process never
+opens one itself: it asks the running service (``/admin/query``) or runs ``bin/evactors
+query`` after the service has stopped."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / "bin" / "evactors"
+
+CHROME = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+          "Chrome/120.0.0.0 Safari/537.36")
+IPHONE = ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 "
+          "(KHTML, like Gecko) Version/17.1 Mobile/15E148 Safari/604.1")
+GOOGLEBOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
+HEADLESS = ("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+            "HeadlessChrome/120.0.0.0 Safari/537.36")
+GB_IP = "81.2.69.142"  # GeoLite2: Gamlingay, England, GB
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+class Service:
+    """``bin/evactors run`` in a subprocess on a free port."""
+
+    def __init__(self, data_dir: Path, write_keys: dict[str, str] | None = None,
+                 args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.write_keys = write_keys if write_keys is not None else {"key-a": "project-a"}
+        self.args = args or []
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+        self.log_path = data_dir.parent / f"{data_dir.name}.log"
+        self.http = httpx.Client(timeout=30)
+
+    def start(self, timeout: float = 60) -> Service:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        info_path = self.data_dir / "service.json"
+        info_path.unlink(missing_ok=True)
+        cmd = [str(BIN), "run", "--data-dir", str(self.data_dir), "--listen", "127.0.0.1:0"]
+        for key, project in self.write_keys.items():
+            cmd += ["--write-key", f"{key}={project}"]
+        env = {**os.environ, "EVACTORS_LOG_FORMAT": "json",
+               "EVACTORS_PIPELINE_SESSION_SWEEP_SECONDS": "0.5",
+               "EVACTORS_FLUSH_INTERVAL_SECONDS": "0.2", **self.env}
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd + self.args, stdout=log, stderr=log, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"service exited {self.proc.returncode}:\n{self.log()}")
+            if info_path.exists():
+                try:
+                    info = json.loads(info_path.read_text())
+                except ValueError:
+                    info = None
+                if info and info.get("pid") == self.proc.pid:
+                    self.url = info["url"]
+                    return self
+            time.sleep(0.05)
+        raise RuntimeError(f"service did not start in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    # --- sending ------------------------------------------------------------------------
+
+    def post(self, endpoint: str, body: Any = None, *, key: str | None = "key-a",
+             raw: bytes | None = None, headers: dict[str, str] | None = None) -> httpx.Response:
+        data = raw if raw is not None else json.dumps(body).encode()
+        auth = (key, "") if key is not None else None
+        return self.http.post(f"{self.url}{endpoint}", content=data, auth=auth,
+                              headers={"content-type": "application/json", **(headers or {})})
+
+    def batch(self, messages: list[dict[str, Any]], key: str = "key-a", gzipped: bool = False) -> httpx.Response:
+        body = json.dumps({"batch": messages}).encode()
+        if gzipped:
+            return self.post("/v1/batch", raw=gzip.compress(body), key=key,
+                             headers={"content-encoding": "gzip"})
+        return self.post("/v1/batch", raw=body, key=key)
+
+    # --- reading ------------------------------------------------------------------------
+
+    def query(self, sql: str) -> list[dict[str, Any]]:
+        token = (self.data_dir / "admin.token").read_text().strip()
+        r = self.http.post(f"{self.url}/admin/query", content=sql.encode(),
+                           headers={"authorization": f"Bearer {token}"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        return [dict(zip(body["columns"], row)) for row in body["rows"]]
+
+    def wait_rows(self, sql: str, expected: int, timeout: float = 30) -> list[dict[str, Any]]:
+        """Poll until ``sql`` returns ``expected`` rows (then make sure no more arrive)."""
+        deadline = time.monotonic() + timeout
+        rows: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            rows = self.query(sql)
+            if len(rows) >= expected:
+                time.sleep(0.5)
+                return self.query(sql)
+            time.sleep(0.1)
+        raise AssertionError(f"expected {expected} rows, got {len(rows)}: {rows[:5]}\n{self.log()[-3000:]}")
+
+    # --- stopping -----------------------------------------------------------------------
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if sig == signal.SIGKILL:
+                self.kill_orphans()
+
+    def kill_orphans(self) -> None:
+        """After kill -9 the embedded Valkey lives on (a restart adopts it); at the end of
+        a test it must go."""
+        pid_file = self.data_dir / "redis" / "valkey.pid"
+        try:
+            os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.kill_orphans()
+        self.http.close()
+
+
+@pytest.fixture
+def make_service(tmp_path: Path) -> Iterator[Any]:
+    made: list[Service] = []
+
+    def make(name: str = "svc", **kwargs: Any) -> Service:
+        service = Service(tmp_path / name, **kwargs)
+        made.append(service)
+        return service
+
+    yield make
+    for service in made:
+        service.close()
+
+
+@pytest.fixture
+def service(make_service: Any) -> Service:
+    return make_service().start()
+
+
+def message(kind: str = "track", **fields: Any) -> dict[str, Any]:
+    """A Segment message with a fresh messageId and anonymousId unless given."""
+    base: dict[str, Any] = {"type": kind, "messageId": str(uuid.uuid4()),
+                            "anonymousId": fields.pop("anonymousId", "anon-1")}
+    if kind == "track":
+        base["event"] = fields.pop("event", "Clicked")
+    base.update(fields)
+    return base
+
+
+def pytest_report_header() -> str:
+    return f"python {sys.version.split()[0]}; services run as subprocesses of {BIN}"
