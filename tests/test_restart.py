@@ -1,0 +1,127 @@
+"""Stop the service with events in flight, start it again: every acknowledged event is in
+ClickHouse exactly once."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+import uuid
+
+import httpx
+
+from conftest import Service, message
+
+
+class Sender:
+    """Threads posting batches until told to stop; remembers what was acknowledged."""
+
+    def __init__(self, service: Service, threads: int = 4, batch: int = 50) -> None:
+        self.service = service
+        self.acked: set[str] = set()
+        self.attempted: set[str] = set()
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.batch = batch
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def _run(self, worker: int) -> None:
+        client = httpx.Client(timeout=10)
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            msgs = [message("track", event="Load", anonymousId=f"user-{worker}-{n % 7}",
+                            messageId=str(uuid.uuid4())) for _ in range(self.batch)]
+            ids = {m["messageId"] for m in msgs}
+            with self.lock:
+                self.attempted |= ids
+            try:
+                r = client.post(f"{self.service.url}/v1/batch", json={"batch": msgs}, auth=("key-a", ""))
+            except httpx.HTTPError:
+                time.sleep(0.01)
+                continue
+            if r.status_code == 200:
+                with self.lock:
+                    self.acked |= ids
+        client.close()
+
+    def __enter__(self) -> Sender:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(20)
+
+
+def _stored(service: Service, expected: set[str]) -> list[str]:
+    deadline = time.monotonic() + 60
+    while True:
+        ids = [r["message_id"] for r in service.query(
+            "SELECT message_id FROM evactors.events WHERE name = 'Load'")]
+        if expected <= set(ids) or time.monotonic() > deadline:
+            return ids
+        time.sleep(0.2)
+
+
+def _check_exactly_once(ids: list[str], sender: Sender) -> None:
+    assert len(ids) == len(set(ids)), f"{len(ids) - len(set(ids))} events doubled"
+    missing = sender.acked - set(ids)
+    assert not missing, f"{len(missing)} acknowledged events lost"
+    assert set(ids) <= sender.attempted  # nothing invented
+
+
+def test_sigterm_with_events_in_flight_then_restart(make_service) -> None:  # type: ignore[no-untyped-def]
+    service = make_service().start()
+    with Sender(service) as sender:
+        time.sleep(1.5)
+        assert sender.acked, service.log()[-2000:]
+        code = service.stop(signal.SIGTERM)
+    assert code == 0, service.log()[-3000:]
+    assert "SIGTERM: stopping" in service.log()
+    before = len(sender.acked)
+    service.start()
+    ids = _stored(service, sender.acked)
+    _check_exactly_once(ids, sender)
+    assert len(sender.acked) == before >= 100
+
+
+def test_kill_9_with_events_in_flight_then_restart(make_service) -> None:  # type: ignore[no-untyped-def]
+    service = make_service().start()
+    with Sender(service) as sender:
+        time.sleep(1.5)
+        code = service.stop(signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    service.start()  # the orphaned Valkey of the killed run is shut down cleanly first
+    ids = _stored(service, sender.acked)
+    _check_exactly_once(ids, sender)
+    assert len(sender.acked) >= 100
+
+
+def test_data_survives_a_restart_and_sessions_continue(make_service) -> None:  # type: ignore[no-untyped-def]
+    service = make_service().start()
+    assert service.batch([message("page", anonymousId="returning", name="A",
+                                  properties={"path": "/a"})]).status_code == 200
+    assert service.batch([message("track", event="Before", anonymousId="returning")]).status_code == 200
+    first = service.wait_rows("SELECT session_id FROM evactors.events WHERE name = 'Before'", 1)
+    assert service.stop() == 0
+    service.start()
+    assert service.batch([message("track", event="After", anonymousId="returning")]).status_code == 200
+    rows = service.wait_rows("SELECT name, session_id, is_new_session, path FROM evactors.events "
+                             "WHERE name IN ('Before', 'After') ORDER BY created_at", 2)
+    assert rows[1]["session_id"] == first[0]["session_id"]  # the same session goes on
+    assert rows[1]["is_new_session"] == 0 and rows[1]["path"] == "/a"
+
+
+def test_a_second_service_on_the_same_data_dir_is_refused(make_service) -> None:  # type: ignore[no-untyped-def]
+    service = make_service().start()
+    second = make_service()
+    try:
+        second.start(timeout=30)
+    except RuntimeError as e:
+        assert "another evactors owns" in str(e)
+    else:
+        raise AssertionError("a second service started on a data dir in use")
+    assert service.http.get(f"{service.url}/health/live").status_code == 200
