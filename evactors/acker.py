@@ -6,6 +6,8 @@ entries that really were deleted, so a replayed entry acknowledged twice counts 
 
 from __future__ import annotations
 
+import functools
+
 import trio
 
 from .messages import Receipt
@@ -25,7 +27,8 @@ return removed
 """
 
 
-async def acker(redis: RedisIO, keys: Keys, inbox: trio.MemoryReceiveChannel[list[Receipt]]) -> None:
+async def acker(redis: RedisIO, keys: Keys,
+                inbox: trio.MemoryReceiveChannel[list[Receipt]]) -> None:
     remove = redis.client.register_script(REMOVE_ENTRIES)
     async for receipts in inbox:
         while True:  # take whatever else is queued: one script call for all of it
@@ -37,7 +40,5 @@ async def acker(redis: RedisIO, keys: Keys, inbox: trio.MemoryReceiveChannel[lis
         for r in receipts:
             args += [r.entry_id, r.events]
 
-        async def ack() -> object:
-            return await redis.run(lambda: remove(keys=[keys.ingest, keys.ingest_count], args=args))
-
-        await retrying("ack", ack)
+        await retrying("ack", redis.run,
+                       functools.partial(remove, keys=[keys.ingest, keys.ingest_count], args=args))

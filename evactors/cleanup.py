@@ -3,6 +3,7 @@ buffer size, and expiry of state nothing else expires."""
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import trio
@@ -38,8 +39,8 @@ async def cleanup(backlog: Backlog, every: float = 1.0) -> None:
     while True:
         try:
             total = await backlog.exact()
-            await backlog.redis.run(
-                lambda: backlog.redis.client.set(backlog.keys.buffer_size_cached, total, ex=15))
+            await backlog.redis.run(functools.partial(
+                backlog.redis.client.set, backlog.keys.buffer_size_cached, total, ex=15))
         except TRANSIENT as e:
             log.warning("backlog refresh failed: %s", e)
         await trio.sleep(every)

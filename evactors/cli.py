@@ -97,7 +97,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _print_table(columns: list[str], rows: list[list[Any]], fmt: str) -> None:
     if fmt == "json":
         for row in rows:
-            print(json.dumps(dict(zip(columns, row)), default=str))
+            print(json.dumps(dict(zip(columns, row, strict=False)), default=str))
         return
     if fmt == "tsv":
         for row in rows:
@@ -105,10 +105,10 @@ def _print_table(columns: list[str], rows: list[list[Any]], fmt: str) -> None:
         return
     text = [[("" if v is None else str(v)) for v in row] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in text]) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=False)))
     print("  ".join("-" * w for w in widths))
     for r in text:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)))
 
 
 def _running_service(data_dir: Path) -> dict[str, Any] | None:

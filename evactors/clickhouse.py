@@ -208,7 +208,7 @@ class ClickHouse:
 
     def insert_sync(self, table: str, rows: Sequence[msgspec.Struct], token: str) -> None:
         _struct, columns = TABLES[table]
-        data = [list(column) for column in zip(*(msgspec.structs.astuple(r) for r in rows))]
+        data = [list(column) for column in zip(*(msgspec.structs.astuple(r) for r in rows), strict=False)]
         started = time.perf_counter()
         self.client.insert(
             table, data, column_names=columns, database=self.database, column_oriented=True,

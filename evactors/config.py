@@ -142,7 +142,10 @@ class Config(_Section):
         return Path(self.data_dir).resolve()
 
 
-_SECTIONS: dict[str, type[_Section]] = {f.name: f.type for f in msgspec.structs.fields(Config) if isinstance(f.type, type) and issubclass(f.type, _Section)}
+_SECTIONS: dict[str, type[_Section]] = {
+    f.name: f.type for f in msgspec.structs.fields(Config)
+    if isinstance(f.type, type) and issubclass(f.type, _Section)
+}
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:

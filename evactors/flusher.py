@@ -10,8 +10,10 @@ A ClickHouse failure keeps the rows in Redis and retries with backoff.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from typing import Any
 
 import msgspec
 import trio
@@ -43,22 +45,24 @@ class Flusher:
         self.chunk_rows = chunk_rows
         self.remove = redis.client.register_script(REMOVE_ENTRIES)
 
-    async def _entries(self, shard: int) -> tuple[Plan | None, list[tuple[bytes, dict[bytes, bytes]]]]:
+    async def _entries(self, shard: int) -> tuple[Plan | None, list[Any]]:
         """The recorded plan's entries, or a new plan over the oldest entries."""
         plan_key, stream = self.keys.flush_plan(shard), self.keys.buffer(shard)
-        raw = await self.redis.run(self.redis.client.get, plan_key)
+        entries: Any
+        raw: Any = await self.redis.run(self.redis.client.get, plan_key)
         if raw is not None:
             plan = msgspec.msgpack.decode(raw, type=Plan)
             entries = await self.redis.run(self.redis.client.xrange, stream, plan.first, plan.last)
             return plan, entries
         entries = await self.redis.run(
-            lambda: self.redis.client.xrange(stream, "-", "+", count=READ_ENTRIES))
+            functools.partial(self.redis.client.xrange, stream, "-", "+", count=READ_ENTRIES))
         if not entries:
             return None, []
-        rows, cut = 0, 0
-        for cut, (_id, fields) in enumerate(entries, 1):
+        rows, cut = 0, len(entries)
+        for index, (_id, fields) in enumerate(entries, 1):
             rows += int(fields[b"n"])
             if rows >= self.chunk_rows:
+                cut = index
                 break
         entries = entries[:cut]
         plan = Plan(entries[0][0].decode(), entries[-1][0].decode())
@@ -67,15 +71,15 @@ class Flusher:
 
     async def flush_shard(self, shard: int, notices: trio.MemorySendChannel[Notice] | None) -> int:
         """Move one chunk of a shard; returns the rows moved (0: nothing to do)."""
-        plan, entries = await retrying(f"flush-{shard} read", lambda: self._entries(shard))
+        plan, entries = await retrying(f"flush-{shard} read", self._entries, shard)
         if plan is None:
             return 0
         if not entries:  # the plan's entries are gone: a previous run finished the delete
-            await retrying(f"flush-{shard} plan", lambda: self.redis.run(
-                self.redis.client.delete, self.keys.flush_plan(shard)))
+            await retrying(f"flush-{shard} plan", self.redis.run, self.redis.client.delete,
+                           self.keys.flush_plan(shard))
             return 0
         blocks = [decode_block(fields[b"d"]) for _id, fields in entries]
-        tables = {
+        tables: dict[str, list[Any]] = {
             "events": [r for b in blocks for r in b.events],
             "sessions": [r for b in blocks for r in b.sessions],
             "profiles": [r for b in blocks for r in b.profiles],
@@ -88,8 +92,8 @@ class Flusher:
         for entry_id, fields in entries:
             args += [entry_id.decode(), int(fields[b"n"])]
         keys = [self.keys.buffer(shard), self.keys.buffer_count(shard), self.keys.flush_plan(shard)]
-        await retrying(f"flush-{shard} delete",
-                       lambda: self.redis.run(lambda: self.remove(keys=keys, args=args)))
+        await retrying(f"flush-{shard} delete", self.redis.run,
+                       functools.partial(self.remove, keys=keys, args=args))
         if notices is not None and tables["events"]:
             try:
                 notices.send_nowait(Notice("event:saved", tables["events"]))

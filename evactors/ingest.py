@@ -214,7 +214,8 @@ class Ingest:
                 return peer
         return peer
 
-    async def track(self, kind: str, scope: Scope, receive: Receive) -> tuple[int, dict[str, Any], list[tuple[bytes, bytes]]]:
+    async def track(self, kind: str, scope: Scope,
+                    receive: Receive) -> tuple[int, dict[str, Any], list[tuple[bytes, bytes]]]:
         limits = self.config.server
         if self.backlog.cached > limits.high_water_events:
             raise RequestError(503, "backlog_full", "the durable backlog is over its high-water "
@@ -251,7 +252,8 @@ class Ingest:
             }, []
         return 200, {"success": True}, []
 
-    async def other(self, path: str, method: str, scope: Scope, receive: Receive) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    async def other(self, path: str, method: str, scope: Scope,
+                    receive: Receive) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         json = [(b"content-type", b"application/json")]
         if path == "/health/live":
             return 200, json, b'{"status":"live"}'

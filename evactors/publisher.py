@@ -48,7 +48,7 @@ class Publisher:
         await self._refresh_subscribers()
         now = int(time.time() * 1000)
         live: dict[str, dict[str, int]] = {}
-        last_views: dict[str, bytes] = {}
+        last_views: dict[str, EventRow] = {}
         messages: list[tuple[str, bytes]] = []
         for notice in notices:
             if self.subscribers.get(notice.channel):

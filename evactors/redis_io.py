@@ -96,22 +96,20 @@ class RedisIO:
         self.client.close()
 
 
-async def retrying(what: str, fn: Callable[[], Awaitable[T]], *, initial: float = 0.05,
-                   maximum: float = 5.0, on_retry: Callable[[], None] | None = None) -> T:
-    """Run ``fn`` until it succeeds; Redis faults are logged, counted and backed off."""
+async def retrying(what: str, fn: Callable[..., Awaitable[T]], *args: Any, initial: float = 0.05,
+                   maximum: float = 5.0) -> T:
+    """Run ``fn(*args)`` until it succeeds; Redis faults are logged, counted and backed off."""
     delay = initial
     failures = 0
     while True:
         try:
-            return await fn()
+            return await fn(*args)
         except TRANSIENT as e:
             failures += 1
             metrics.REDIS_ERRORS.labels(what).inc()
             level = logging.WARNING if failures in (1, 10) or failures % 100 == 0 else logging.DEBUG
             log.log(level, "redis unavailable during %s (attempt %d), retrying in %.2fs: %s",
                     what, failures, delay, e)
-            if on_retry is not None:
-                on_retry()
             await trio.sleep(delay)
             delay = min(delay * 2, maximum)
 

@@ -8,6 +8,7 @@ actors drop what was already committed, by messageId.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -36,8 +37,8 @@ async def replay_older_than(redis: RedisIO, keys: Keys, cutoff_ms: int | None,
     start = "-"
     fed = 0
     while True:
-        entries = await retrying("replay read", lambda: redis.run(
-            lambda: redis.client.xrange(keys.ingest, start, "+", count=PAGE)))
+        entries = await retrying("replay read", redis.run, functools.partial(
+            redis.client.xrange, keys.ingest, start, "+", count=PAGE))
         if not entries:
             return fed
         batch = IngestBatch([], [])

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 import trio
@@ -128,7 +129,7 @@ class SessionShard:
         results = await self.redis.pipeline(build) if dedup_keys or state_keys else []
         seen = [v is not None for v in results[0]] if dedup_keys else []
         raw_states = results[-1] if state_keys else []
-        states = {k: _decode_state(v) if v else UserState(0) for k, v in zip(state_keys, raw_states)}
+        states = {k: _decode_state(v) if v else UserState(0) for k, v in zip(state_keys, raw_states, strict=False)}
         return seen, states
 
     # --- sessionizing ----------------------------------------------------------------
@@ -261,7 +262,7 @@ class SessionShard:
         """Close sessions idle (wall clock) for longer than the timeout."""
         now = self._now_ms()
         index = self.keys.session_index(self.shard)
-        expired = await self.redis.run(
+        expired: Any = await self.redis.run(
             lambda: self.redis.client.zrangebyscore(index, "-inf", now - self.timeout_ms,
                                                     start=0, num=SWEEP_LIMIT))
         if not expired:
@@ -307,7 +308,7 @@ async def session_actor(shard: SessionShard, inbox: trio.MemoryReceiveChannel[Sh
                 break
             items.extend(more.events)
             receipts.extend(more.receipts)
-        commit = await retrying(f"session-{shard.shard} commit", lambda: shard.process(items))
+        commit = await retrying(f"session-{shard.shard} commit", shard.process, items)
         finished = []
         for receipt in receipts:
             receipt.remaining -= 1

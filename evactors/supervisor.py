@@ -224,7 +224,8 @@ async def _serve(config: Config, redis: RedisIO, clickhouse: ClickHouse, geoip: 
         hconfig.keep_alive_timeout = 30
         hconfig.h11_max_incomplete_size = 64 * 1024
         try:
-            await hypercorn.trio.serve(ingest, hconfig, shutdown_trigger=shutdown.wait,
+            app: Any = ingest  # an ASGI callable; hypercorn's types want its TypedDicts
+            await hypercorn.trio.serve(app, hconfig, shutdown_trigger=shutdown.wait,
                                        task_status=task_status)
         finally:
             ingest.outbox.close()
@@ -256,7 +257,7 @@ async def _serve(config: Config, redis: RedisIO, clickhouse: ClickHouse, geoip: 
                 actors.start_soon(functools.partial(sup.supervise, "flusher", flusher, flush,
                                                     config.flush.interval_seconds, drained,
                                                     flusher_notices, closes=(flusher_notices,)))
-                for i, (tx, rx) in enumerate(shard_channels):
+                for i, (_tx, rx) in enumerate(shard_channels):
                     shard = SessionShard(i, redis, keys, pipe.session_timeout_seconds,
                                          pipe.dedup_window_seconds)
                     d, n = done_tx.clone(), notice_tx.clone()

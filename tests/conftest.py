@@ -105,7 +105,7 @@ class Service:
                            headers={"authorization": f"Bearer {token}"})
         assert r.status_code == 200, r.text
         body = r.json()
-        return [dict(zip(body["columns"], row)) for row in body["rows"]]
+        return [dict(zip(body["columns"], row, strict=False)) for row in body["rows"]]
 
     def wait_rows(self, sql: str, expected: int, timeout: float = 30) -> list[dict[str, Any]]:
         """Poll until ``sql`` returns ``expected`` rows (then make sure no more arrive)."""

@@ -121,7 +121,7 @@ def test_duplicates_are_stored_once_and_bots_are_not_stored(service: Service) ->
     bots = [message("page", anonymousId=f"bot-{i}", context={"userAgent": ua})
             for i, ua in enumerate([GOOGLEBOT, HEADLESS, "curl/8.5.0"])]
     human = message("track", event="Human", anonymousId="human", context={"userAgent": CHROME})
-    assert service.batch(bots + [human]).status_code == 200
+    assert service.batch([*bots, human]).status_code == 200
     rows = service.wait_rows("SELECT name, message_id FROM evactors.events ORDER BY name", 2)
     assert [r["name"] for r in rows] == ["Human", "Paid"]
     assert rows[1]["message_id"] == dup["messageId"]

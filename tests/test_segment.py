@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from evactors.segment import Peer, RequestError, corrected_timestamp, decompress, parse
 from evactors.model import Message
+from evactors.segment import Peer, RequestError, corrected_timestamp, decompress, parse
 
 PEER = Peer("203.0.113.9", "Mozilla/5.0 header", 1_700_000_100_000)
 

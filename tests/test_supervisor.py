@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import time
 from typing import Any
@@ -26,7 +27,7 @@ async def test_a_crashing_actor_is_restarted_with_backoff(autojump_clock: Any) -
 
     await sup.supervise("flaky", flaky)
     assert len(calls) == 4
-    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(calls)]
     assert gaps == pytest.approx([1, 2, 4])  # exponential backoff
 
 
