@@ -12,6 +12,7 @@ import trio
 
 from .messages import Receipt
 from .redis_io import Keys, RedisIO, retrying
+from .replay import InFlight
 
 # KEYS: stream, counter[, key to delete]. ARGV: id1, n1, id2, n2, …
 REMOVE_ENTRIES = """
@@ -27,7 +28,7 @@ return removed
 """
 
 
-async def acker(redis: RedisIO, keys: Keys,
+async def acker(redis: RedisIO, keys: Keys, in_flight: InFlight,
                 inbox: trio.MemoryReceiveChannel[list[Receipt]]) -> None:
     remove = redis.client.register_script(REMOVE_ENTRIES)
     async for receipts in inbox:
@@ -42,3 +43,4 @@ async def acker(redis: RedisIO, keys: Keys,
 
         await retrying("ack", redis.run,
                        functools.partial(remove, keys=[keys.ingest, keys.ingest_count], args=args))
+        in_flight.done([r.entry_id for r in receipts])

@@ -17,13 +17,14 @@ import clickhouse_connect
 import msgspec
 import trio
 
+from . import metrics
 from .model import EventRow, ProfileRow, SessionRow
 
 log = logging.getLogger("evactors.clickhouse")
 
-# Blocks remembered per table for insert deduplication. A retried chunk is re-inserted
-# within minutes; 10k blocks covers hours at a flush a second.
-DEDUP_WINDOW = 10_000
+# Blocks remembered per table for insert deduplication. A chunk is retried within minutes
+# of its first try; 100k blocks is > 3 h even at 8 inserts a second into one table.
+DEDUP_WINDOW = 100_000
 
 _EVENT_TYPES: dict[str, str] = {
     "id": "UUID",
@@ -196,10 +197,30 @@ class ClickHouse:
         self.timeout = timeout
         self.client: Any = None
         self.limiter = trio.CapacityLimiter(1)
+        self._retry_at = 0.0
+        self._retry_delay = 0.0
 
     def open(self) -> None:
         self.client = connect(self.dsn)
         migrate(self.client, self.database)
+
+    async def ensure_open(self) -> bool:
+        """Connect (and migrate) if not yet connected; False while ClickHouse is away."""
+        if self.client is not None:
+            return True
+        if trio.current_time() < self._retry_at:
+            return False
+        try:
+            await trio.to_thread.run_sync(self.open, limiter=self.limiter)
+            return True
+        except Exception as e:
+            self.client = None
+            self._retry_delay = min(max(self._retry_delay * 2, 0.5), 30.0)
+            self._retry_at = trio.current_time() + self._retry_delay
+            metrics.CLICKHOUSE_ERRORS.labels("connect").inc()
+            log.warning("ClickHouse unreachable (%s); retrying in %.1fs",
+                        str(e).splitlines()[0][:200] if str(e) else type(e).__name__, self._retry_delay)
+            return False
 
     def close(self) -> None:
         if self.client is not None:
@@ -212,21 +233,25 @@ class ClickHouse:
         started = time.perf_counter()
         self.client.insert(
             table, data, column_names=columns, database=self.database, column_oriented=True,
-            settings={"insert_deduplication_token": token, "insert_deduplicate": 1},
+            settings={"insert_deduplication_token": token, "insert_deduplicate": 1,
+                      # an import may span years of monthly partitions in one chunk
+                      "max_partitions_per_insert_block": 0},
         )
         log.debug("inserted %d rows into %s in %.1f ms", len(rows), table,
                   (time.perf_counter() - started) * 1000)
 
     async def insert(self, table: str, rows: Sequence[msgspec.Struct], token: str) -> None:
         with trio.fail_after(self.timeout):
+            # Not abandoned on cancel: the client must not be closed under a running insert.
             await trio.to_thread.run_sync(self.insert_sync, table, rows, token,
-                                          limiter=self.limiter, abandon_on_cancel=True)
+                                          limiter=self.limiter)
 
     def query_sync(self, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
         result = self.client.query(sql)
         return list(result.column_names), result.result_rows
 
     async def query(self, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+        if not await self.ensure_open():
+            raise ConnectionError("ClickHouse is not reachable")
         with trio.fail_after(self.timeout):
-            return await trio.to_thread.run_sync(self.query_sync, sql, limiter=self.limiter,
-                                                 abandon_on_cancel=True)
+            return await trio.to_thread.run_sync(self.query_sync, sql, limiter=self.limiter)

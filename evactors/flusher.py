@@ -5,7 +5,8 @@ Redis, insert each table's rows with an ``insert_deduplication_token`` derived f
 range, and only then delete the entries. A crash anywhere re-reads the *same* recorded
 range and re-inserts it under the *same* token, which ClickHouse discards at insert time:
 rows are never lost (deleted only after the insert) and never doubled (same token).
-A ClickHouse failure keeps the rows in Redis and retries with backoff.
+A ClickHouse failure keeps the rows in Redis and retries that shard with backoff, while
+the other shards go on.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -30,6 +32,17 @@ log = logging.getLogger("evactors.flusher")
 READ_ENTRIES = 256
 
 
+class InsertFailed(Exception):
+    pass
+
+
+@dataclass
+class Backoff:
+    failures: int = 0
+    delay: float = 0.0
+    until: float = 0.0
+
+
 class Plan(msgspec.Struct, array_like=True):
     first: str
     last: str
@@ -44,6 +57,8 @@ class Flusher:
         self.shards = shards
         self.chunk_rows = chunk_rows
         self.remove = redis.client.register_script(REMOVE_ENTRIES)
+        self.backoff = {shard: Backoff() for shard in range(shards)}
+        self.waiting_for_clickhouse = False
 
     async def _entries(self, shard: int) -> tuple[Plan | None, list[Any]]:
         """The recorded plan's entries, or a new plan over the oldest entries."""
@@ -102,44 +117,61 @@ class Flusher:
         return sum(len(rows) for rows in tables.values())
 
     async def _insert(self, table: str, rows: list[msgspec.Struct], token: str) -> None:
-        delay = 0.1
-        failures = 0
-        while True:
-            started = time.perf_counter()
-            try:
-                await self.clickhouse.insert(table, rows, token)
-            except Exception as e:  # any ClickHouse failure: keep the rows, back off, retry
-                failures += 1
-                metrics.CLICKHOUSE_ERRORS.labels("insert").inc()
-                log.warning("insert of %d rows into %s failed (attempt %d), retrying in %.1fs: %s",
-                            len(rows), table, failures, delay, str(e).splitlines()[0][:300])
-                await trio.sleep(delay)
-                delay = min(delay * 2, 30.0)
-                continue
-            metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
-            metrics.ROWS_INSERTED.labels(table).inc(len(rows))
-            if failures:
-                log.info("insert into %s succeeded after %d failures", table, failures)
-            return
+        started = time.perf_counter()
+        try:
+            await self.clickhouse.insert(table, rows, token)
+        except Exception as e:  # any ClickHouse failure: the rows stay in Redis
+            metrics.CLICKHOUSE_ERRORS.labels("insert").inc()
+            raise InsertFailed(f"insert of {len(rows)} rows into {table} failed: "
+                               f"{str(e).splitlines()[0][:300] if str(e) else type(e).__name__}") from e
+        metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
+        metrics.ROWS_INSERTED.labels(table).inc(len(rows))
 
     async def flush_all(self, notices: trio.MemorySendChannel[Notice] | None) -> int:
-        """Flush every shard until each is empty (or only has what arrived meanwhile)."""
+        """Flush every shard that is not backing off, until each is empty (or holds only
+        what arrived meanwhile). A failing shard backs off alone."""
         moved = 0
+        if not await self.clickhouse.ensure_open():
+            self.waiting_for_clickhouse = True
+            return 0
+        self.waiting_for_clickhouse = False
         for shard in range(self.shards):
-            while True:
-                n = await self.flush_shard(shard, notices)
-                moved += n
-                if n < self.chunk_rows:
-                    break
+            backoff = self.backoff[shard]
+            if backoff.until > trio.current_time():
+                continue
+            try:
+                while True:
+                    n = await self.flush_shard(shard, notices)
+                    moved += n
+                    if n < self.chunk_rows:
+                        break
+            except InsertFailed as e:
+                backoff.failures += 1
+                backoff.delay = min(backoff.delay * 2, 30.0) if backoff.failures > 1 else 0.1
+                backoff.until = trio.current_time() + backoff.delay
+                log.warning("shard %d: %s (attempt %d); retrying in %.1fs", shard, e,
+                            backoff.failures, backoff.delay)
+                continue
+            if backoff.failures:
+                log.info("shard %d: insert succeeded after %d failures", shard, backoff.failures)
+                self.backoff[shard] = Backoff()
         return moved
+
+    @property
+    def failing(self) -> bool:
+        return self.waiting_for_clickhouse or any(b.failures for b in self.backoff.values())
 
 
 async def flusher(flush: Flusher, interval: float, drained: trio.Event,
                   notices: trio.MemorySendChannel[Notice]) -> None:
-    """Flush periodically; when the pipeline has drained, flush the rest and stop."""
+    """Flush periodically; when the pipeline has drained, flush the rest and stop (a
+    failing ClickHouse is retried until the drain deadline cancels this)."""
     while not drained.is_set():
         await flush.flush_all(notices)
         with trio.move_on_after(interval):
             await drained.wait()
     moved = await flush.flush_all(notices)
+    while flush.failing:
+        await trio.sleep(0.1)
+        moved += await flush.flush_all(notices)
     log.info("final flush: %d rows", moved)

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
+import redis
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -31,6 +32,7 @@ from .config import Config
 from .messages import IngestBatch, Receipt
 from .model import Incoming
 from .redis_io import TRANSIENT, Keys, RedisIO
+from .replay import InFlight
 from .segment import ENDPOINTS, Peer, RequestError, body_write_key, decompress, parse
 
 log = logging.getLogger("evactors.ingest")
@@ -90,7 +92,7 @@ class DurableLog:
         blob = _encode_events(events)
 
         def build(pipe: Any) -> None:
-            pipe.xadd(self.keys.ingest, {b"e": blob})
+            pipe.xadd(self.keys.ingest, {b"n": len(events), b"e": blob})
             pipe.incrby(self.keys.ingest_count, len(events))
 
         entry_id, _count = await self.redis.pipeline(build, transaction=True)
@@ -124,7 +126,7 @@ class Ingest:
     def __init__(self, config: Config, write_keys: WriteKeys, log_: DurableLog,
                  outbox: trio.MemorySendChannel[IngestBatch], backlog: Backlog,
                  clickhouse: ClickHouse | None, admin: AdminToken,
-                 redis: RedisIO) -> None:
+                 redis: RedisIO, in_flight: InFlight) -> None:
         self.config = config
         self.write_keys = write_keys
         self.durable = log_
@@ -133,6 +135,7 @@ class Ingest:
         self.clickhouse = clickhouse
         self.admin = admin
         self.redis = redis
+        self.in_flight = in_flight
         self.trusted = [ipaddress.ip_network(p, strict=False) for p in config.server.trusted_proxies]
 
     # --- ASGI ------------------------------------------------------------------------
@@ -168,7 +171,7 @@ class Ingest:
             headers = [(b"content-type", b"application/json")] + (list(_CORS) if kind else [])
             if e.status == 503:
                 headers.append((b"retry-after", str(self.config.server.retry_after_seconds).encode()))
-            if e.status == 413:  # the rest of the body was not read: the connection is spent
+            if e.status in (413, 503):  # the body may be unread: the connection is spent
                 headers.append((b"connection", b"close"))
         metrics.REQUESTS.labels(kind or "other", str(status)).inc()
         if kind is not None:
@@ -236,12 +239,13 @@ class Ingest:
         if parsed.events:
             try:
                 receipt = await self.durable.append(parsed.events)
-            except (*TRANSIENT, TimeoutError) as e:
+            except (*TRANSIENT, TimeoutError, redis.ResponseError) as e:  # OOM, MISCONF, READONLY…
                 log.warning("cannot store events, answering 503: %s", e)
                 metrics.EVENTS_REJECTED.labels("redis_unavailable").inc(len(parsed.events))
                 raise RequestError(503, "storage_unavailable",
                                    "events cannot be stored durably right now; retry later") from None
             metrics.EVENTS_ACCEPTED.labels(project).inc(len(parsed.events))
+            self.in_flight.add([receipt.entry_id])
             await self.outbox.send(IngestBatch([receipt], parsed.events))
         if parsed.rejected:
             return 400, {
@@ -273,7 +277,7 @@ class Ingest:
                 raise RequestError(401, "unauthorized", "admin token required (Bearer)")
             if self.clickhouse is None:
                 raise RequestError(404, "not_found", "no ClickHouse in this process")
-            sql = (await self._body(scope, receive, 1 << 20)).decode()
+            sql = (await self._body(scope, receive, 1 << 20)).decode(errors="replace")
             try:
                 columns, rows = await self.clickhouse.query(sql)
             except Exception as e:

@@ -35,5 +35,7 @@ BACKLOG = Gauge("evactors_backlog_events", "Events durable in Redis, not yet in 
                 registry=REGISTRY)
 PUBLISH_DROPPED = Counter("evactors_publish_dropped", "Notifications skipped (publisher behind)",
                           registry=REGISTRY)
+DEAD_LETTERS = Counter("evactors_dead_letters", "Entries moved to the dead-letter stream",
+                       registry=REGISTRY)
 REPLAYED = Counter("evactors_replayed_entries", "Ingest entries re-fed after a crash or restart",
                    registry=REGISTRY)

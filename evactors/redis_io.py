@@ -39,6 +39,8 @@ class Keys:
         self.ingest = f"{prefix}:in"  # stream: one entry per accepted request
         self.ingest_count = f"{prefix}:in:n"  # events in the ingest stream
         self.buffer_size_cached = f"{prefix}:bufsize"
+        self.dead_letter = f"{prefix}:dead"  # stream: what could not be processed, with why
+        self.meta = f"{prefix}:meta"  # hash: facts the stored data depends on (shard count)
 
     def shard(self, shard: int) -> str:
         return f"{self.prefix}:{{s{shard}}}"

@@ -1,9 +1,11 @@
 """Replayer: feeds ingest entries that are still in Redis back into the pipeline.
 
 At start-up that is everything a previous run accepted but did not finish (a crash, a
-drain deadline). While running, an entry older than ``stale_after`` seconds was lost in
-flight (an actor crashed with it) and is fed again. Re-feeding is always safe: the session
-actors drop what was already committed, by messageId.
+drain deadline). While running, an entry that has been in flight for longer than
+``stale_after`` seconds was lost (an actor crashed while holding it) and is fed again.
+Re-feeding is always safe: the session actors drop what was already committed, by
+messageId. An entry that cannot be decoded is moved to the dead-letter stream, with the
+error, instead of failing the replayer again and again.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from typing import Any
 
 import msgspec
 import trio
@@ -25,50 +28,110 @@ log = logging.getLogger("evactors.replay")
 _decode = msgspec.msgpack.Decoder(list[Incoming]).decode
 PAGE = 64
 
+# KEYS: ingest stream, its counter, dead-letter stream. ARGV: id, events, error, data
+DEAD_LETTER = """
+redis.call('XADD', KEYS[3], '*', 'source', 'ingest', 'id', ARGV[1], 'error', ARGV[3], 'data', ARGV[4])
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 1 then
+  redis.call('DECRBY', KEYS[2], tonumber(ARGV[2]))
+end
+return 1
+"""
+
+
+class InFlight:
+    """Ingest entries handed to the pipeline and not yet acknowledged, with when they
+    were handed over. Ingest and the replayer add, the acker removes."""
+
+    def __init__(self) -> None:
+        self.since: dict[str, float] = {}
+
+    def add(self, entry_ids: list[str]) -> None:
+        now = time.monotonic()
+        for entry_id in entry_ids:
+            self.since[entry_id] = now
+
+    def done(self, entry_ids: list[str]) -> None:
+        for entry_id in entry_ids:
+            self.since.pop(entry_id, None)
+
+    def lost(self, entry_id: str, older_than: float) -> bool:
+        since = self.since.get(entry_id)
+        return since is None or time.monotonic() - since > older_than
+
 
 def entry_ms(entry_id: bytes | str) -> int:
     text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     return int(text.split("-", 1)[0])
 
 
-async def replay_older_than(redis: RedisIO, keys: Keys, cutoff_ms: int | None,
-                            outbox: trio.MemorySendChannel[IngestBatch]) -> int:
-    """Feed entries whose id time is before ``cutoff_ms`` (all when None); count them."""
-    start = "-"
-    fed = 0
-    while True:
-        entries = await retrying("replay read", redis.run, functools.partial(
-            redis.client.xrange, keys.ingest, start, "+", count=PAGE))
-        if not entries:
-            return fed
-        batch = IngestBatch([], [])
-        for entry_id, fields in entries:
-            if cutoff_ms is not None and entry_ms(entry_id) >= cutoff_ms:
-                entries = []
+class Replayer:
+    def __init__(self, redis: RedisIO, keys: Keys, in_flight: InFlight,
+                 outbox: trio.MemorySendChannel[IngestBatch], stale_after: float) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.in_flight = in_flight
+        self.outbox = outbox
+        self.stale_after = stale_after
+        self.dead_letter = redis.client.register_script(DEAD_LETTER)
+
+    async def _bury(self, entry_id: str, fields: dict[bytes, bytes], error: Exception) -> None:
+        log.error("ingest entry %s cannot be decoded; moved to the dead-letter stream: %s",
+                  entry_id, error)
+        metrics.DEAD_LETTERS.inc()
+        args: list[Any] = [entry_id, int(fields.get(b"n", b"0")), str(error)[:500], fields.get(b"e", b"")]
+        await retrying("dead-letter", self.redis.run, functools.partial(
+            self.dead_letter, keys=[self.keys.ingest, self.keys.ingest_count, self.keys.dead_letter],
+            args=args))
+
+    async def feed(self, last: str, shutdown: trio.Event, only_lost: bool) -> int:
+        """Feed entries up to id ``last`` (all, or only those lost in flight)."""
+        start, fed = "-", 0
+        while not shutdown.is_set():
+            entries = await retrying("replay read", self.redis.run, functools.partial(
+                self.redis.client.xrange, self.keys.ingest, start, last, count=PAGE))
+            batch = IngestBatch([], [])
+            for raw_id, fields in entries:
+                entry_id = raw_id.decode()
+                if only_lost and not self.in_flight.lost(entry_id, self.stale_after):
+                    continue
+                try:
+                    events = _decode(fields[b"e"])
+                except (msgspec.DecodeError, msgspec.ValidationError, KeyError) as e:
+                    await self._bury(entry_id, fields, e)
+                    continue
+                batch.receipts.append(Receipt(entry_id, len(events)))
+                batch.events.extend(events)
+            if batch.receipts:
+                self.in_flight.add([r.entry_id for r in batch.receipts])
+                await self.outbox.send(batch)
+                fed += len(batch.receipts)
+                metrics.REPLAYED.inc(len(batch.receipts))
+            if len(entries) < PAGE:
                 break
-            events = _decode(fields[b"e"])
-            batch.receipts.append(Receipt(entry_id.decode(), len(events)))
-            batch.events.extend(events)
-        if batch.receipts:
-            await outbox.send(batch)
-            fed += len(batch.receipts)
-            metrics.REPLAYED.inc(len(batch.receipts))
-        if len(entries) < PAGE:
-            return fed
-        start = "(" + entries[-1][0].decode()
+            start = "(" + entries[-1][0].decode()
+        return fed
+
+    async def last_id(self) -> str | None:
+        newest = await retrying("replay read", self.redis.run, functools.partial(
+            self.redis.client.xrevrange, self.keys.ingest, "+", "-", count=1))
+        return newest[0][0].decode() if newest else None
 
 
-async def replayer(redis: RedisIO, keys: Keys, outbox: trio.MemorySendChannel[IngestBatch],
-                   shutdown: trio.Event, stale_after: float = 120.0) -> None:
-    fed = await replay_older_than(redis, keys, None, outbox)
-    if fed:
-        log.info("replaying %d ingest entries left by an earlier run", fed)
+async def replayer(replay: Replayer, shutdown: trio.Event, started: trio.Event) -> None:
+    """At start, feed what an earlier run left; then, now and then, what got lost."""
+    if not started.is_set():
+        last = await replay.last_id()  # new entries after this one belong to this run
+        if last is not None:
+            fed = await replay.feed(last, shutdown, only_lost=False)
+            log.info("replayed %d ingest entries left by an earlier run", fed)
+        started.set()
     while not shutdown.is_set():
-        with trio.move_on_after(stale_after / 2):
+        with trio.move_on_after(replay.stale_after / 2):
             await shutdown.wait()
         if shutdown.is_set():
             return
-        cutoff = int((time.time() - stale_after) * 1000)
-        fed = await replay_older_than(redis, keys, cutoff, outbox)
+        cutoff = f"{int((time.time() - replay.stale_after) * 1000)}-0"
+        fed = await replay.feed(cutoff, shutdown, only_lost=True)
         if fed:
-            log.warning("re-fed %d ingest entries older than %.0fs (lost in flight)", fed, stale_after)
+            log.warning("re-fed %d ingest entries lost in flight for over %.0fs", fed,
+                        replay.stale_after)

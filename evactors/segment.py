@@ -6,8 +6,11 @@ Choices where Segment's documentation leaves room (also in docs/api.md):
   rejected; the reply is then ``400`` with ``accepted`` (how many were stored) and
   ``rejected`` (index, messageId, field, error) so the sender knows exactly what was lost
   and why. Retrying such a batch is safe: the stored ones are deduplicated by messageId.
-* A message with no ``messageId`` gets one here, before it is stored, so a replay inside
-  the service can never turn it into two events.
+* A message with no ``messageId`` gets one here, before it is stored, derived from the
+  project, the message's bytes and its place in the request: a retry of the same request
+  gets the same ids and is deduplicated; a replay inside the service can never double it.
+* Timestamps before 2000 are rejected; a timestamp in the future (beyond a minute after
+  receipt, after skew correction) is set to the time of receipt.
 * Clock skew: ``timestamp = receivedAt - (sentAt - (originalTimestamp or timestamp))``
   when the client sent ``sentAt``; else the client's timestamp; else ``receivedAt``.
 """
@@ -15,6 +18,7 @@ Choices where Segment's documentation leaves room (also in docs/api.md):
 from __future__ import annotations
 
 import gzip
+import hashlib
 import uuid
 import zlib
 from dataclasses import dataclass, field
@@ -147,8 +151,19 @@ def _validate(msg: Message, kind: str) -> tuple[str, str] | None:
     return None
 
 
+_ID_NS = uuid.UUID("3d0c8f4e-8a8f-4b5e-b0a5-5f8d2c1e9b77")
+EARLIEST_MS = 946_684_800_000  # 2000-01-01
+FUTURE_SLACK_MS = 60_000
+_encode_check = msgspec.msgpack.Encoder().encode
+
+
+def derived_message_id(project_id: str, raw: bytes, index: int) -> str:
+    digest = hashlib.sha256(raw).hexdigest()
+    return str(uuid.uuid5(_ID_NS, f"{project_id}\x00{index}\x00{digest}"))
+
+
 def to_incoming(msg: Message, kind: str, project_id: str, peer: Peer,
-                batch_sent_at: datetime | None) -> Incoming:
+                batch_sent_at: datetime | None, fallback_id: str) -> Incoming:
     context = msg.context or Context()
     ip, user_agent = context.ip or peer.ip, context.userAgent or peer.user_agent
     if context.ip is not None or context.userAgent is not None:
@@ -156,14 +171,15 @@ def to_incoming(msg: Message, kind: str, project_id: str, peer: Peer,
     return Incoming(
         project_id=project_id,
         type=kind,
-        message_id=_text(msg.messageId) or str(uuid.uuid4()),
+        message_id=_text(msg.messageId) or fallback_id,
         anonymous_id=_text(msg.anonymousId),
         user_id=_text(msg.userId),
         name=(msg.event if kind == "track" else msg.name) or "",
         properties=msg.properties or {},
         traits=msg.traits or {},
         context=context,
-        timestamp_ms=corrected_timestamp(msg, batch_sent_at, peer.received_ms),
+        timestamp_ms=min(corrected_timestamp(msg, batch_sent_at, peer.received_ms),
+                         peer.received_ms + FUTURE_SLACK_MS),
         received_ms=peer.received_ms,
         ip=ip,
         user_agent=user_agent,
@@ -197,7 +213,20 @@ def _one(raw: bytes, index: int, kind: str | None, project_id: str, peer: Peer,
     if problem is not None:
         out.rejected.append(Rejected(index, _text(msg.messageId) or None, *problem))
         return
-    out.events.append(to_incoming(msg, message_kind, project_id, peer, batch_sent_at))
+    event = to_incoming(msg, message_kind, project_id, peer, batch_sent_at,
+                        derived_message_id(project_id, raw, index))
+    if event.timestamp_ms < EARLIEST_MS:
+        out.rejected.append(Rejected(index, event.message_id, "timestamp",
+                                     "before 2000-01-01 (after clock-skew correction)"))
+        return
+    try:
+        _encode_check(event.properties)
+        _encode_check(event.traits)
+    except (OverflowError, TypeError, ValueError) as e:
+        out.rejected.append(Rejected(index, event.message_id, "properties",
+                                     f"a value cannot be stored: {e}"))
+        return
+    out.events.append(event)
 
 
 def parse(kind: str, body: bytes, project_id: str, peer: Peer, max_event_bytes: int) -> Parsed:

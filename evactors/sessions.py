@@ -1,9 +1,10 @@
 """Session actors: one per shard of the (project, device) key space.
 
 Each batch costs two Redis round trips: one reads the dedup markers and user states of
-the whole batch, one commits everything in a MULTI/EXEC transaction — dedup markers,
-new user states, the rows for ClickHouse (one buffer-stream entry), the open-session
-index. Because the commit is atomic and a shard is processed by one task at a time, a
+the whole batch, one commits everything in one Lua script (atomic, and one command however
+large the batch) — dedup markers, new user states, the open-session index (derived from
+each final state), the rows for ClickHouse (one buffer-stream entry). Because the commit
+is atomic and a shard is processed by one task at a time, a
 replayed batch (after a crash, before its ingest entry was deleted) finds its events
 marked and adds nothing: no event is kept twice, none is marked without being kept.
 
@@ -17,6 +18,7 @@ screen views take the path/origin of that held one and record its id in
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -84,17 +86,42 @@ encode_block = _encode
 decode_block = msgspec.msgpack.Decoder(Block).decode
 
 
+# KEYS: buffer stream, buffer count, session index, dedup keys…, state keys…
+# ARGV: dedup ttl, state ttl, number of dedup keys, rows, block, then per state key its
+# value and its index score ("" when it has no open session: leave the index).
+COMMIT = """
+local nd = tonumber(ARGV[3])
+for i = 1, nd do
+  redis.call('SET', KEYS[3 + i], '1', 'EX', ARGV[1])
+end
+local a = 6
+for i = 4 + nd, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[a], 'EX', ARGV[2])
+  if ARGV[a + 1] == '' then
+    redis.call('ZREM', KEYS[3], KEYS[i])
+  else
+    redis.call('ZADD', KEYS[3], ARGV[a + 1], KEYS[i])
+  end
+  a = a + 2
+end
+local rows = tonumber(ARGV[4])
+if rows > 0 then
+  redis.call('XADD', KEYS[1], '*', 'n', ARGV[4], 'd', ARGV[5])
+  redis.call('INCRBY', KEYS[2], rows)
+end
+return rows
+"""
+
+
 class Commit:
-    """What one unit of work writes, gathered before the transaction."""
+    """What one unit of work writes, gathered before the script runs."""
 
     def __init__(self) -> None:
         self.events: list[EventRow] = []
         self.sessions: list[SessionRow] = []
         self.profiles: list[ProfileRow] = []
         self.dedup_keys: list[str] = []
-        self.states: dict[str, UserState] = {}
-        self.open: dict[str, int] = {}  # state key → last activity
-        self.closed: list[str] = []
+        self.states: dict[str, UserState] = {}  # the index follows each final state
 
     @property
     def rows(self) -> int:
@@ -110,6 +137,7 @@ class SessionShard:
         self.timeout_ms = timeout_s * 1000
         self.dedup_s = dedup_s
         self.clock = clock
+        self.commit_script = redis.client.register_script(COMMIT)
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -164,12 +192,11 @@ class SessionShard:
             os=s.os, device=s.device, reason=s.reason, version=now))
         state.session = None
         commit.states[key] = state
-        commit.closed.append(key)
-        commit.open.pop(key, None)
         metrics.SESSIONS_CLOSED.inc()
 
     def _apply(self, key: str, state: UserState, item: Enriched, commit: Commit, now: int) -> None:
-        row = item.row
+        # A copy: a failed attempt must not leave its session fields on the event.
+        row = msgspec.structs.replace(item.row, properties=dict(item.row.properties))
         s = state.session
         if s is not None and row.created_at - s.last > self.timeout_ms:
             self._close(key, state, commit, now)
@@ -194,11 +221,17 @@ class SessionShard:
         if row.name == "screen_view":
             s.pages += 1
             s.entry = s.entry or row.path
-            s.exit = row.path or s.exit
-            if s.pending is not None:
-                s.pending.duration = max(0, row.created_at - s.pending.created_at)
-                commit.events.append(s.pending)
-            s.pending = row
+            held = s.pending
+            if held is not None and row.created_at < held.created_at:
+                # a late view: it ends where the held (later) one begins; that one stays held
+                row.duration = held.created_at - row.created_at
+                commit.events.append(row)
+            else:
+                s.exit = row.path or s.exit
+                if held is not None:
+                    held.duration = row.created_at - held.created_at
+                    commit.events.append(held)
+                s.pending = row
         else:
             held = s.pending
             if held is not None and held.created_at <= row.created_at:
@@ -211,29 +244,18 @@ class SessionShard:
                 traits=flatten(item.incoming.traits), created_at=row.created_at,
                 updated_at=row.created_at))
         commit.states[key] = state
-        commit.open[key] = now
 
     # --- committing ------------------------------------------------------------------
 
     async def _commit(self, commit: Commit) -> None:
         keys, shard = self.keys, self.shard
-        block = encode_block(Block(commit.events, commit.sessions, commit.profiles)) if commit.rows else None
-
-        def build(pipe: object) -> None:
-            p = pipe
-            for k in commit.dedup_keys:
-                p.set(k, b"1", ex=self.dedup_s)  # type: ignore[attr-defined]
-            for k, state in commit.states.items():
-                p.set(k, _encode(state), ex=YEAR)  # type: ignore[attr-defined]
-            if commit.open:
-                p.zadd(keys.session_index(shard), commit.open)  # type: ignore[attr-defined]
-            if commit.closed:
-                p.zrem(keys.session_index(shard), *commit.closed)  # type: ignore[attr-defined]
-            if block is not None:
-                p.xadd(keys.buffer(shard), {b"n": commit.rows, b"d": block})  # type: ignore[attr-defined]
-                p.incrby(keys.buffer_count(shard), commit.rows)  # type: ignore[attr-defined]
-
-        await self.redis.pipeline(build, transaction=True)
+        block = encode_block(Block(commit.events, commit.sessions, commit.profiles)) if commit.rows else b""
+        script_keys = [keys.buffer(shard), keys.buffer_count(shard), keys.session_index(shard),
+                       *commit.dedup_keys, *commit.states]
+        args: list[bytes | int | str] = [self.dedup_s, YEAR, len(commit.dedup_keys), commit.rows, block]
+        for state in commit.states.values():
+            args += [_encode(state), state.session.seen if state.session is not None else ""]
+        await self.redis.run(functools.partial(self.commit_script, keys=script_keys, args=args))
 
     async def process(self, items: list[Enriched]) -> Commit:
         """Dedup, sessionize and commit one unit. Safe to re-run after a failure."""
@@ -275,7 +297,7 @@ class SessionShard:
             if state.session is not None and state.session.seen <= now - self.timeout_ms:
                 self._close(key, state, commit, now)
             elif state.session is None:
-                commit.closed.append(key)
+                commit.states[key] = state  # already closed: the commit drops it from the index
         await self._commit(commit)
         return commit
 
@@ -283,8 +305,10 @@ class SessionShard:
 async def session_actor(shard: SessionShard, inbox: trio.MemoryReceiveChannel[ShardBatch],
                         done: trio.MemorySendChannel[list[Receipt]],
                         notices: trio.MemorySendChannel[Notice], sweep_every: float,
-                        max_events: int = 2000) -> None:
-    """Receive shard batches (coalescing what is queued), commit them, report receipts."""
+                        replayed: trio.Event, max_events: int = 2000) -> None:
+    """Receive shard batches (coalescing what is queued), commit them, report receipts.
+    Sweeps wait for the start-up replay: events a previous run accepted may continue
+    sessions that look idle by the wall clock."""
     next_sweep = trio.current_time() + sweep_every
     while True:
         batch: ShardBatch | None = None
@@ -293,9 +317,9 @@ async def session_actor(shard: SessionShard, inbox: trio.MemoryReceiveChannel[Sh
                 batch = await inbox.receive()
             except trio.EndOfChannel:
                 return
-        if trio.current_time() >= next_sweep:
+        if trio.current_time() >= next_sweep and replayed.is_set():
             commit = await retrying(f"session-{shard.shard} sweep", shard.sweep)
-            while commit is not None and len(commit.closed) >= SWEEP_LIMIT:
+            while commit is not None and len(commit.states) >= SWEEP_LIMIT:
                 commit = await retrying(f"session-{shard.shard} sweep", shard.sweep)
             next_sweep = trio.current_time() + sweep_every
         if batch is None:

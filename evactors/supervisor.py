@@ -30,6 +30,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import hypercorn.config
@@ -41,7 +42,7 @@ from .acker import acker
 from .bots import BotDetector
 from .cleanup import Backlog, cleanup
 from .clickhouse import ClickHouse, embedded_dsn
-from .config import Config
+from .config import Config, ConfigError
 from .enrich import Enricher, enricher
 from .flusher import Flusher, flusher
 from .geoip import GeoIP
@@ -49,7 +50,7 @@ from .ingest import AdminToken, DurableLog, Ingest, WriteKeys
 from .messages import IngestBatch, Notice, Receipt, ShardBatch
 from .publisher import Publisher, publisher
 from .redis_io import TRANSIENT, DataDirLock, EmbeddedValkey, Keys, RedisIO
-from .replay import replayer
+from .replay import InFlight, Replayer, replayer
 from .sessions import SessionShard, session_actor
 from .useragent import UserAgentParser
 
@@ -78,11 +79,14 @@ class Supervisor:
         delay = sup.backoff_initial_seconds
         try:
             while True:
+                started = time.monotonic()
                 try:
                     await actor(*args)
                     return
                 except Exception as e:
                     now = time.monotonic()
+                    if now - started > sup.restart_window_seconds:
+                        delay = sup.backoff_initial_seconds  # it ran well for a while
                     recent = [t for t in self.failures.get(name, []) if now - t < sup.restart_window_seconds]
                     recent.append(now)
                     self.failures[name] = recent
@@ -158,10 +162,14 @@ async def run(config: Config, ready: Callable[[dict[str, Any]], None] | None = N
         wait_aof = config.redis.durability == "strict" and embedded is None
         if wait_aof:
             await _check_strict(redis)
+        await _check_shards(redis, Keys(config.redis.key_prefix), config.pipeline.session_shards)
         dsn = config.clickhouse.dsn or embedded_dsn(data_dir)
         clickhouse = ClickHouse(dsn, config.clickhouse.database, config.clickhouse.timeout_seconds)
-        await trio.to_thread.run_sync(clickhouse.open)
         stack.callback(clickhouse.close)
+        if not config.clickhouse.dsn:
+            await trio.to_thread.run_sync(clickhouse.open)  # embedded: it works now or never
+        elif not await clickhouse.ensure_open():
+            log.warning("ClickHouse is not reachable yet; events are kept in Redis until it is")
         pipe = config.pipeline
         geoip = GeoIP(config.geoip.database or None, pipe.geo_cache_size)
 
@@ -176,6 +184,17 @@ async def run(config: Config, ready: Callable[[dict[str, Any]], None] | None = N
                             wait_aof, generated, data_dir, ready)
         return code
     return EXIT_OK  # pragma: no cover (the ExitStack does not swallow)
+
+
+async def _check_shards(redis: RedisIO, keys: Keys, shards: int) -> None:
+    """Stored state is placed by shard: the count cannot change under existing data."""
+    stored = await redis.run(redis.client.hget, keys.meta, "session_shards")
+    if stored is None:
+        await redis.run(redis.client.hset, keys.meta, "session_shards", shards)
+    elif int(stored) != shards:
+        raise ConfigError("pipeline.session_shards",
+                          f"the data in Redis was written with {int(stored)} shards; "
+                          f"set it back to {int(stored)} (changing it needs an empty Redis)")
 
 
 async def _check_strict(redis: RedisIO) -> None:
@@ -199,7 +218,9 @@ async def _serve(config: Config, redis: RedisIO, clickhouse: ClickHouse, geoip: 
     keys = Keys(config.redis.key_prefix)
     sup = Supervisor(config)
     capacity = pipe.channel_batches
-    shutdown, drained = trio.Event(), trio.Event()
+    shutdown, drained, replayed = trio.Event(), trio.Event(), trio.Event()
+    in_flight = InFlight()
+    startup_error: StartupError | None = None
 
     to_enrich_tx, to_enrich_rx = trio.open_memory_channel[IngestBatch](capacity)
     shard_channels = [trio.open_memory_channel[ShardBatch](capacity) for _ in range(pipe.session_shards)]
@@ -211,7 +232,7 @@ async def _serve(config: Config, redis: RedisIO, clickhouse: ClickHouse, geoip: 
     enrich = Enricher(pipe, geoip, UserAgentParser(pipe.ua_cache_size), BotDetector(pipe.ua_cache_size))
     flush = Flusher(redis, keys, clickhouse, pipe.session_shards, config.flush.chunk_rows)
     ingest = Ingest(config, write_keys, DurableLog(redis, keys, wait_aof), to_enrich_tx.clone(),
-                    backlog, clickhouse, admin, redis)
+                    backlog, clickhouse, admin, redis, in_flight)
     publish = Publisher(redis, keys)
     exit_code = EXIT_OK
 
@@ -223,10 +244,24 @@ async def _serve(config: Config, redis: RedisIO, clickhouse: ClickHouse, geoip: 
         hconfig.graceful_timeout = max(1.0, config.supervisor.drain_seconds / 3)
         hconfig.keep_alive_timeout = 30
         hconfig.h11_max_incomplete_size = 64 * 1024
+        listening = False
+
+        def started(binds: list[str]) -> None:
+            nonlocal listening
+            listening = True
+            task_status.started(binds)
+
         try:
             app: Any = ingest  # an ASGI callable; hypercorn's types want its TypedDicts
+            status: Any = SimpleNamespace(started=started)
             await hypercorn.trio.serve(app, hconfig, shutdown_trigger=shutdown.wait,
-                                       task_status=task_status)
+                                       task_status=status)
+        except* OSError as group:  # hypercorn reports a failed bind inside a group
+            if listening:
+                raise
+            e = group.exceptions[0]
+            reason = getattr(e, "strerror", None) or e
+            raise StartupError(f"cannot listen on {config.server.listen}: {reason}") from None
         finally:
             ingest.outbox.close()
 
@@ -249,7 +284,7 @@ async def _serve(config: Config, redis: RedisIO, clickhouse: ClickHouse, geoip: 
                 actors.start_soon(sup.supervise, "publisher", publisher, publish, notice_rx)
 
                 async def acker_then_drained() -> None:
-                    await sup.supervise("acker", acker, redis, keys, done_rx)
+                    await sup.supervise("acker", acker, redis, keys, in_flight, done_rx)
                     drained.set()
 
                 actors.start_soon(acker_then_drained)
@@ -263,7 +298,7 @@ async def _serve(config: Config, redis: RedisIO, clickhouse: ClickHouse, geoip: 
                     d, n = done_tx.clone(), notice_tx.clone()
                     actors.start_soon(functools.partial(
                         sup.supervise, f"session-{i}", session_actor, shard, rx, d, n,
-                        pipe.session_sweep_seconds, closes=(d, n)))
+                        pipe.session_sweep_seconds, replayed, closes=(d, n)))
                 shard_txs = [tx for tx, _ in shard_channels]
                 for j in range(pipe.enrichers):
                     outs = [tx.clone() for tx in shard_txs]
@@ -277,8 +312,9 @@ async def _serve(config: Config, redis: RedisIO, clickhouse: ClickHouse, geoip: 
                 notice_tx.close()
                 to_enrich_rx.close()
                 replay_tx = to_enrich_tx.clone()
-                actors.start_soon(functools.partial(sup.supervise, "replayer", replayer, redis, keys,
-                                                    replay_tx, shutdown, closes=(replay_tx,)))
+                replay = Replayer(redis, keys, in_flight, replay_tx, stale_after=120.0)
+                actors.start_soon(functools.partial(sup.supervise, "replayer", replayer, replay,
+                                                    shutdown, replayed, closes=(replay_tx,)))
                 to_enrich_tx.close()
                 binds = await actors.start(serve_http)
                 info = {"pid": os.getpid(), "url": binds[0] if binds else "",
@@ -290,11 +326,15 @@ async def _serve(config: Config, redis: RedisIO, clickhouse: ClickHouse, geoip: 
             root.cancel_scope.cancel()
     except* ActorFailed:
         exit_code = EXIT_FATAL
+    except* StartupError as group:
+        startup_error = group.exceptions[0]  # type: ignore[assignment]
     finally:
         try:
             (data_dir / "service.json").unlink()
         except FileNotFoundError:
             pass
+    if startup_error is not None:
+        raise startup_error
     try:
         with trio.move_on_after(2):
             left = await backlog.exact()

@@ -88,6 +88,21 @@ def test_bad_input_gets_a_clear_error_and_the_rest_is_kept(service: Service) -> 
     assert [r["name"] for r in rows] == ["Good 0", "Good 1", "Good 2", "Zipped"]
 
 
+def test_retries_without_message_id_are_deduplicated_and_odd_values_rejected(service: Service) -> None:
+    no_id = {"type": "track", "event": "No Id", "anonymousId": "retry", "properties": {"n": 1}}
+    for _ in range(3):  # an SDK retrying the same request: same bytes, same derived id
+        assert service.batch([no_id]).status_code == 200
+    r = service.batch([no_id, {**no_id, "properties": {"huge": 2**70}},
+                       {**no_id, "timestamp": "1970-01-02T00:00:00Z"}])
+    body = r.json()
+    assert r.status_code == 400 and body["accepted"] == 1
+    assert {x["field"] for x in body["rejected"]} == {"properties", "timestamp"}
+    # message 0 of the last request has the same bytes and place as before: the same id
+    assert service.batch([message("track", event="Marker", anonymousId="retry")]).status_code == 200
+    service.wait_rows("SELECT 1 FROM evactors.events WHERE name = 'Marker'", 1)
+    assert len(service.query("SELECT message_id FROM evactors.events WHERE name = 'No Id'")) == 1
+
+
 def test_cors_preflight_for_browser_sdks(service: Service) -> None:
     r = service.http.options(f"{service.url}/v1/batch", headers={
         "origin": "https://shop.example", "access-control-request-method": "POST"})

@@ -125,3 +125,53 @@ def test_a_second_service_on_the_same_data_dir_is_refused(make_service) -> None:
     else:
         raise AssertionError("a second service started on a data dir in use")
     assert service.http.get(f"{service.url}/health/live").status_code == 200
+
+
+def test_an_undecodable_ingest_entry_goes_to_the_dead_letter_stream(make_service) -> None:  # type: ignore[no-untyped-def]
+    import redis
+
+    service = make_service().start()
+    client = redis.Redis(unix_socket_path=str(service.data_dir / "redis" / "valkey.sock"))
+    client.xadd("evx:in", {b"n": 3, b"e": b"\xc1 garbage"})
+    client.incrby("evx:in:n", 3)
+    client.close()
+    assert service.stop() == 0
+    service.start()  # the start-up replay meets the poison entry
+    client = redis.Redis(unix_socket_path=str(service.data_dir / "redis" / "valkey.sock"))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not client.xlen("evx:dead"):
+        time.sleep(0.1)
+    [(_id, fields)] = client.xrange("evx:dead")
+    assert fields[b"source"] == b"ingest" and fields[b"error"]
+    assert client.xlen("evx:in") == 0 and int(client.get("evx:in:n") or 0) == 0
+    assert service.batch([message("track", event="After poison")]).status_code == 200
+    service.wait_rows("SELECT 1 FROM evactors.events WHERE name = 'After poison'", 1)
+    assert "evactors_dead_letters_total 1.0" in service.http.get(f"{service.url}/metrics").text
+
+
+def test_changing_the_shard_count_under_existing_data_is_refused(make_service) -> None:  # type: ignore[no-untyped-def]
+    service = make_service().start()
+    assert service.stop() == 0
+    changed = make_service(env={"EVACTORS_PIPELINE_SESSION_SHARDS": "8"})
+    try:
+        changed.start(timeout=30)
+    except RuntimeError as e:
+        assert "service exited 2" in str(e) and "`pipeline.session_shards`" in str(e)
+    else:
+        raise AssertionError("started with a different shard count")
+
+
+def test_a_port_in_use_is_a_clear_startup_error(make_service) -> None:  # type: ignore[no-untyped-def]
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        service = make_service(args=["--listen", f"127.0.0.1:{port}"])
+        try:
+            service.start(timeout=30)
+        except RuntimeError as e:
+            assert "service exited 1" in str(e) and f"cannot listen on 127.0.0.1:{port}" in str(e)
+        else:
+            raise AssertionError("started on a port in use")

@@ -128,3 +128,31 @@ async def test_identify_writes_a_profile(shard: SessionShard) -> None:
 
 async def test_trio_is_used(autojump_clock: trio.abc.Clock) -> None:
     await trio.sleep(1)
+
+
+async def test_a_session_split_inside_one_batch_stays_in_the_sweep_index(shard: SessionShard) -> None:
+    """Close and reopen of one device in a single commit: the new session must remain
+    indexed, or its held screen view would never be flushed."""
+    await feed(shard, incoming("page", T0, properties={"path": "/first"}),
+               incoming("page", T0 + 60 * MIN, properties={"path": "/second"}))
+    index = shard.keys.session_index(0)
+    assert shard.redis.client.zcard(index) == 1
+    shard.clock.now += 31 * 60  # type: ignore[attr-defined]
+    await shard.sweep()
+    events = sorted(rows(buffered(shard)), key=lambda e: e.created_at)
+    assert [(e.name, e.path) for e in events] == [
+        ("screen_view", "/first"), ("session_end", "/first"),
+        ("screen_view", "/second"), ("session_end", "/second")]
+    assert len(rows(buffered(shard), "sessions")) == 2
+
+
+async def test_a_late_screen_view_does_not_take_the_held_slot(shard: SessionShard) -> None:
+    await feed(shard, incoming("page", T0, properties={"path": "/a"}),
+               incoming("page", T0 + 20_000, properties={"path": "/c"}))
+    await feed(shard, incoming("page", T0 + 10_000, properties={"path": "/b"}))  # arrives late
+    shard.clock.now += 31 * 60  # type: ignore[attr-defined]
+    await shard.sweep()
+    views = {e.path: e.duration for e in rows(buffered(shard)) if e.name == "screen_view"}
+    assert views == {"/a": 20_000, "/b": 10_000, "/c": 0}
+    session = rows(buffered(shard), "sessions")[0]
+    assert session.exit_page == "/c" and session.page_count == 3
