@@ -28,6 +28,16 @@ T = TypeVar("T")
 
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
              redis.exceptions.TryAgainError, OSError)
+# Error replies that describe a passing state of the server, not a bad command.
+_RECOVERABLE_REPLIES = ("OOM", "MISCONF", "READONLY", "LOADING", "BUSY", "TRYAGAIN",
+                        "CLUSTERDOWN", "MASTERDOWN", "NOREPLICAS")
+
+
+def transient(e: BaseException) -> bool:
+    """A fault to wait out: the connection, or the server saying "not now"."""
+    if isinstance(e, TRANSIENT):
+        return True
+    return isinstance(e, redis.ResponseError) and str(e).split(" ", 1)[0] in _RECOVERABLE_REPLIES
 
 
 class Keys:
@@ -106,7 +116,9 @@ async def retrying(what: str, fn: Callable[..., Awaitable[T]], *args: Any, initi
     while True:
         try:
             return await fn(*args)
-        except TRANSIENT as e:
+        except Exception as e:
+            if not transient(e):
+                raise
             failures += 1
             metrics.REDIS_ERRORS.labels(what).inc()
             level = logging.WARNING if failures in (1, 10) or failures % 100 == 0 else logging.DEBUG

@@ -156,3 +156,16 @@ async def test_a_late_screen_view_does_not_take_the_held_slot(shard: SessionShar
     assert views == {"/a": 20_000, "/b": 10_000, "/c": 0}
     session = rows(buffered(shard), "sessions")[0]
     assert session.exit_page == "/c" and session.page_count == 3
+
+
+async def test_a_commit_waits_out_a_redis_restart(shard: SessionShard, valkey: Any) -> None:
+    from evactors.redis_io import retrying
+
+    event = incoming("track", T0, name="Patient")
+    items = [Enriched(shard.enricher.enrich(event), event, 0)]  # type: ignore[attr-defined]
+    await trio.to_thread.run_sync(valkey.stop)  # the real server goes away
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(retrying, "test commit", shard.process, items)
+        await trio.sleep(0.5)  # the commit is failing and backing off meanwhile
+        await trio.to_thread.run_sync(valkey.start)
+    assert [e.name for e in rows(buffered(shard))] == ["Patient"]
