@@ -29,7 +29,7 @@ class ConfigError(Exception):
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    pass
+    """A table of the config file: unknown keys are errors, not silently ignored."""
 
 
 class ServerConfig(_Section):

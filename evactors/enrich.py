@@ -60,10 +60,10 @@ def _page_fields(event: Incoming) -> tuple[str, str, str]:
     if url:
         try:
             parts = urlsplit(url)
-            origin = f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else ""
-            path = path or parts.path
-        except ValueError:
-            pass
+        except ValueError:  # not a URL: keep what the event said
+            return path, origin, referrer
+        origin = f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else ""
+        path = path or parts.path
     return path, origin, referrer
 
 

@@ -33,7 +33,7 @@ READ_ENTRIES = 256
 
 
 class InsertFailed(Exception):
-    pass
+    """ClickHouse refused a chunk; its rows are still in Redis."""
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import msgspec
 import trio
@@ -92,14 +93,16 @@ async def publisher(pub: Publisher, inbox: trio.MemoryReceiveChannel[Notice]) ->
             log.warning("publish skipped, redis unavailable: %s", e)
 
 
-async def live_visitors(redis: RedisIO, keys: Keys, project: str) -> int:
+# Readers of the live state (sync: for the CLI, an admin page, or another process).
+
+
+def live_visitors(client: Any, keys: Keys, project: str) -> int:
+    """Visitors of a project seen in the last 5 minutes."""
     now = int(time.time() * 1000)
-    return int(await redis.run(redis.client.zcount, keys.live(project), now - LIVE_WINDOW_MS, "+inf"))
+    return int(client.zcount(keys.live(project), now - LIVE_WINDOW_MS, "+inf"))
 
 
-def last_screen_view(redis_client: object, keys: Keys, project: str, profile: str) -> dict | None:
-    raw = redis_client.get(keys.last_screen_view(project, profile))  # type: ignore[attr-defined]
+def last_screen_view(client: Any, keys: Keys, project: str, profile: str) -> dict[str, Any] | None:
+    """The last screen view of a profile (31 minutes), as the ``events`` row."""
+    raw = client.get(keys.last_screen_view(project, profile))
     return msgspec.json.decode(raw) if raw else None
-
-
-__all__ = ["EventRow", "Publisher", "last_screen_view", "live_visitors", "publisher"]

@@ -10,6 +10,8 @@ from typing import Any
 import redis
 
 from conftest import CHROME, GB_IP, Service, message, run_cli
+from evactors.publisher import last_screen_view, live_visitors
+from evactors.redis_io import Keys
 
 
 def _redis(service: Service) -> redis.Redis:
@@ -40,15 +42,16 @@ def test_received_and_saved_are_published_with_live_state(service: Service) -> N
     assert saved["name"] == "Clicked" and saved["profile_id"] == "user-1"
     assert saved["country"] == "GB" and saved["ip"] == ""
     # live visitors of the project, and the last screen view of the profile (31 min)
-    assert client.zcard("evx:live:project-a") == 1
+    keys = Keys("evx")
+    assert live_visitors(client, keys, "project-a") == 1
     assert client.ttl("evx:lastsv:project-a:user-1") == -2  # held screen view not yet received
     assert service.batch([message("page", anonymousId="live-1", userId="user-1", name="Next",
                                   properties={"path": "/next"})]).status_code == 200
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and not client.exists("evx:lastsv:project-a:user-1"):
         time.sleep(0.1)
-    last = json.loads(client.get("evx:lastsv:project-a:user-1"))
-    assert last["path"] == "/home" and 0 < client.ttl("evx:lastsv:project-a:user-1") <= 31 * 60
+    last = last_screen_view(client, keys, "project-a", "user-1")
+    assert last is not None and last["path"] == "/home" and 0 < client.ttl("evx:lastsv:project-a:user-1") <= 31 * 60
 
 
 def test_clickhouse_outage_buffers_then_catches_up_exactly_once(make_service) -> None:  # type: ignore[no-untyped-def]
