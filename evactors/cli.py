@@ -217,6 +217,9 @@ def parser() -> argparse.ArgumentParser:
     common(c)
     c.set_defaults(func=cmd_check_config)
 
+    sub.add_parser("bench-enrich", add_help=False,
+                   help="benchmark the enricher pool on a realistic mix (--help for options)")
+
     m = sub.add_parser("migrate", help="create or migrate the ClickHouse schema")
     common(m)
     m.add_argument("--clickhouse-dsn", help="ClickHouse DSN (default: the configured one)")
@@ -225,6 +228,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench-enrich"]:  # its own options, parsed by the benchmark
+        from .bench_enrich import main as bench_enrich
+
+        return bench_enrich(argv[1:])
     args = parser().parse_args(argv)
     try:
         return int(args.func(args))

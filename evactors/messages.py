@@ -25,7 +25,7 @@ class IngestBatch:
     events: list[Incoming]
 
 
-@dataclass
+@dataclass(slots=True)
 class Enriched:
     row: EventRow
     incoming: Incoming

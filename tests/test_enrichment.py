@@ -69,3 +69,16 @@ def test_truncate_ip() -> None:
     assert truncate_ip("81.2.69.142") == "81.2.69.0"
     assert truncate_ip("2a02:8070:1:2::1") == "2a02:8070:1::"
     assert truncate_ip("junk") == ""
+
+
+def test_enrichment_tuples_match_the_row_columns() -> None:
+    """The enricher splats Geo and UAInfo into EventRow: their order must be the row's."""
+    from evactors.geoip import Geo
+    from evactors.model import EventRow
+    from evactors.useragent import UAInfo
+
+    fields = list(EventRow.__struct_fields__)
+    start = fields.index("country")
+    assert fields[start:start + 9] == list(Geo._fields)
+    start = fields.index("browser")
+    assert fields[start:start + 7] == list(UAInfo._fields[:7])
