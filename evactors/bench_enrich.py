@@ -29,7 +29,7 @@ from .config import PipelineConfig
 from .enrich import Enricher
 from .geoip import GeoIP, bundled_database
 from .messages import Enriched, IngestBatch, Receipt
-from .model import Context, Incoming, PageContext
+from .model import Context, EventRow, Incoming, PageContext
 from .useragent import UserAgentParser
 
 
@@ -124,7 +124,7 @@ def bench_pool(events: list[Incoming], batch: int) -> dict[str, Any]:
         for start in range(0, len(events), batch):
             chunk = events[start:start + batch]
             parts = enricher.split(IngestBatch([Receipt("0-1", len(chunk))], chunk), 4)
-            kept += sum(len(p.events) for p in parts.values())
+            kept += sum(type(e.row) is EventRow for p in parts.values() for e in p.events)
         seconds = time.perf_counter() - started
         results[f"pool_{label}_events_per_s"] = round(len(events) / seconds)
         results[f"pool_{label}_us_per_event"] = round(seconds / len(events) * 1e6, 2)
@@ -169,9 +169,7 @@ def bench_dedup(events: list[Incoming], batch: int) -> dict[str, Any]:
     enricher = new_enricher()
     items = []
     for event in events:
-        row = enricher.enrich(event)
-        if row is not None:
-            items.append(Enriched(row, event, 0))
+        items.append(Enriched(enricher.enrich(event), event, 0))
     with tempfile.TemporaryDirectory() as tmp:
         server = ValkeyServer(port=0, data_dir=Path(tmp), unix_socket_path=Path(tmp) / "v.sock")
         server.start()

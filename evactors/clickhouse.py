@@ -18,7 +18,7 @@ import msgspec
 import trio
 
 from . import metrics
-from .model import EventRow, ProfileRow, SessionRow
+from .model import BotRow, EventRow, ProfileRow, SessionRow
 
 log = logging.getLogger("evactors.clickhouse")
 
@@ -113,6 +113,20 @@ _PROFILE_TYPES: dict[str, str] = {
 }
 
 
+_BOT_TYPES: dict[str, str] = {
+    "id": "UUID",
+    "project_id": "LowCardinality(String)",
+    "name": "LowCardinality(String)",
+    "device_id": "String",
+    "path": "String",
+    "reason": "LowCardinality(String)",
+    "user_agent": "String",
+    "created_at": "DateTime64(3, 'UTC')",
+    "message_id": "String",
+}
+BOTS_RETENTION_DAYS = 90
+
+
 def _columns(types: dict[str, str], struct: type[msgspec.Struct]) -> str:
     assert list(types) == list(struct.__struct_fields__), f"{struct.__name__} and its table differ"
     return ",\n  ".join(f"`{name}` {typ}" for name, typ in types.items())
@@ -122,6 +136,7 @@ TABLES: dict[str, tuple[type[msgspec.Struct], list[str]]] = {
     "events": (EventRow, list(_EVENT_TYPES)),
     "sessions": (SessionRow, list(_SESSION_TYPES)),
     "profiles": (ProfileRow, list(_PROFILE_TYPES)),
+    "events_bots": (BotRow, list(_BOT_TYPES)),
 }
 
 # Ordered, append-only. A migration is one or more statements; {db} is the database.
@@ -143,6 +158,15 @@ SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}""",
   {_columns(_PROFILE_TYPES, ProfileRow)}
 ) ENGINE = ReplacingMergeTree(updated_at)
 ORDER BY (project_id, profile_id)
+SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}""",
+    ]),
+    (2, "events_bots: filtered bot events, kept for a while", [
+        f"""CREATE TABLE IF NOT EXISTS {{db}}.events_bots (
+  {_columns(_BOT_TYPES, BotRow)}
+) ENGINE = MergeTree
+PARTITION BY toYYYYMM(created_at)
+ORDER BY (project_id, toDate(created_at), reason, name)
+TTL toDateTime(created_at) + INTERVAL {BOTS_RETENTION_DAYS} DAY
 SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}""",
     ]),
 ]

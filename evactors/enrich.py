@@ -20,7 +20,7 @@ from .bots import BotDetector
 from .config import PipelineConfig
 from .geoip import GeoIP
 from .messages import Enriched, IngestBatch, Receipt, ShardBatch
-from .model import EventRow, Incoming, event_id, flatten
+from .model import BotRow, EventRow, Incoming, event_id, flatten
 from .useragent import UAInfo, UserAgentParser
 
 log = logging.getLogger("evactors.enrich")
@@ -93,13 +93,22 @@ class Enricher:
         info = self.ua.parse(user_agent)
         return info, self.bots.reason(user_agent, info.spider)
 
-    def enrich(self, event: Incoming) -> EventRow | None:
-        """The enriched row, or None when the event is a bot that is not kept."""
+    def bot_row(self, event: Incoming, reason: str) -> BotRow:
+        page = event.context.page
+        path = (page.path if page else None) or event.properties.get("path") or ""
+        name = "screen_view" if event.type in ("page", "screen") else (
+            event.name if event.type == "track" else event.type)
+        return BotRow(event_id(event.project_id, event.message_id), event.project_id, name,
+                      event.anonymous_id or event.user_id, str(path), reason, event.user_agent,
+                      event.timestamp_ms, event.message_id)
+
+    def enrich(self, event: Incoming) -> EventRow | BotRow:
+        """The enriched row; for a bot (unless bots are kept in events) its events_bots row."""
         info, bot = self.agent(event.user_agent)
         if bot:
             self.bots_seen[bot] = self.bots_seen.get(bot, 0) + 1
             if not self.config.keep_bots:
-                return None
+                return self.bot_row(event, bot)
         geo = self.geoip.lookup(event.ip)
         context = event.context
         props = event.properties
@@ -160,8 +169,6 @@ class Enricher:
             touched: set[int] = set()
             for event in events[offset:offset + receipt.events]:
                 row = enrich(event)
-                if row is None:
-                    continue
                 shard = crc32(f"{event.project_id}\x00{row.device_id}".encode()) % shards
                 parts[shard].events.append(Enriched(row, event, shard))
                 touched.add(shard)
@@ -181,7 +188,7 @@ async def enricher(enricher: Enricher, shards: int,
                    inbox: trio.MemoryReceiveChannel[IngestBatch],
                    shard_outboxes: list[trio.MemorySendChannel[ShardBatch]],
                    done: trio.MemorySendChannel[list[Receipt]]) -> None:
-    """One task of the pool. Receipts with no part left (all bots) go straight to the acker."""
+    """One task of the pool. Receipts with no part (no events) go straight to the acker."""
     async for batch in inbox:
         parts = enricher.split(batch, shards)
         finished = [r for r in batch.receipts if r.remaining == 0]

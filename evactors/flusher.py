@@ -98,6 +98,7 @@ class Flusher:
             "events": [r for b in blocks for r in b.events],
             "sessions": [r for b in blocks for r in b.sessions],
             "profiles": [r for b in blocks for r in b.profiles],
+            "events_bots": [r for b in blocks for r in b.bots],
         }
         token = f"{self.keys.prefix}:{shard}:{plan.first}:{plan.last}"
         for table, rows in tables.items():

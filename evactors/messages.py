@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .model import EventRow, Incoming
+from .model import BotRow, EventRow, Incoming
 
 
 @dataclass
@@ -27,7 +27,7 @@ class IngestBatch:
 
 @dataclass(slots=True)
 class Enriched:
-    row: EventRow
+    row: EventRow | BotRow  # a BotRow: a filtered bot, bound for events_bots
     incoming: Incoming
     shard: int
 

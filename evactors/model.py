@@ -202,6 +202,20 @@ class ProfileRow(msgspec.Struct, array_like=True):
     updated_at: int
 
 
+class BotRow(msgspec.Struct, array_like=True):
+    """A row of ``events_bots``: a bot event kept aside, so users can see what was filtered."""
+
+    id: str
+    project_id: str
+    name: str
+    device_id: str
+    path: str
+    reason: str
+    user_agent: str
+    created_at: int
+    message_id: str
+
+
 _EVENT_NS = uuid.UUID("6f1c1f9e-3b0a-4d3e-9a57-0c9bb1f0e7a1")
 
 

@@ -29,7 +29,7 @@ import trio
 
 from . import metrics
 from .messages import Enriched, Notice, Receipt, ShardBatch
-from .model import EventRow, ProfileRow, SessionRow, event_id, flatten, session_id
+from .model import BotRow, EventRow, Incoming, ProfileRow, SessionRow, event_id, flatten, session_id
 from .redis_io import Keys, RedisIO, retrying
 
 log = logging.getLogger("evactors.sessions")
@@ -80,6 +80,7 @@ class Block(msgspec.Struct, array_like=True):
     events: list[EventRow]
     sessions: list[SessionRow]
     profiles: list[ProfileRow]
+    bots: list[BotRow] = []
 
 
 encode_block = _encode
@@ -120,12 +121,13 @@ class Commit:
         self.events: list[EventRow] = []
         self.sessions: list[SessionRow] = []
         self.profiles: list[ProfileRow] = []
+        self.bots: list[BotRow] = []
         self.dedup_keys: list[str] = []
         self.states: dict[str, UserState] = {}  # the index follows each final state
 
     @property
     def rows(self) -> int:
-        return len(self.events) + len(self.sessions) + len(self.profiles)
+        return len(self.events) + len(self.sessions) + len(self.profiles) + len(self.bots)
 
 
 class SessionShard:
@@ -194,9 +196,10 @@ class SessionShard:
         commit.states[key] = state
         metrics.SESSIONS_CLOSED.inc()
 
-    def _apply(self, key: str, state: UserState, item: Enriched, commit: Commit, now: int) -> None:
+    def _apply(self, key: str, state: UserState, enriched: EventRow, incoming: Incoming,
+               commit: Commit, now: int) -> None:
         # A copy: a failed attempt must not leave its session fields on the event.
-        row = msgspec.structs.replace(item.row, properties=dict(item.row.properties))
+        row = msgspec.structs.replace(enriched, properties=dict(enriched.properties))
         s = state.session
         if s is not None and row.created_at - s.last > self.timeout_ms:
             self._close(key, state, commit, now)
@@ -241,7 +244,7 @@ class SessionShard:
         if row.type == "identify" and row.profile_id:
             commit.profiles.append(ProfileRow(
                 project_id=row.project_id, profile_id=row.profile_id, anonymous_id=row.device_id,
-                traits=flatten(item.incoming.traits), created_at=row.created_at,
+                traits=flatten(incoming.traits), created_at=row.created_at,
                 updated_at=row.created_at))
         commit.states[key] = state
 
@@ -249,7 +252,8 @@ class SessionShard:
 
     async def _commit(self, commit: Commit) -> None:
         keys, shard = self.keys, self.shard
-        block = encode_block(Block(commit.events, commit.sessions, commit.profiles)) if commit.rows else b""
+        block = (encode_block(Block(commit.events, commit.sessions, commit.profiles, commit.bots))
+                 if commit.rows else b"")
         script_keys = [keys.buffer(shard), keys.buffer_count(shard), keys.session_index(shard),
                        *commit.dedup_keys, *commit.states]
         args: list[bytes | int | str] = [self.dedup_s, YEAR, len(commit.dedup_keys), commit.rows, block]
@@ -262,7 +266,8 @@ class SessionShard:
         now = self._now_ms()
         items = sorted(items, key=lambda e: e.row.created_at)
         dedup_keys = [self.keys.dedup(self.shard, e.row.project_id, e.row.message_id) for e in items]
-        state_keys = list(dict.fromkeys(self.state_key(e.row.project_id, e.row.device_id) for e in items))
+        state_keys = list(dict.fromkeys(self.state_key(e.row.project_id, e.row.device_id)
+                                        for e in items if type(e.row) is EventRow))
         seen, states = await self._load(dedup_keys, state_keys)
         commit = Commit()
         fresh: set[str] = set()
@@ -273,8 +278,12 @@ class SessionShard:
                 continue
             fresh.add(dedup_key)
             commit.dedup_keys.append(dedup_key)
-            key = self.state_key(item.row.project_id, item.row.device_id)
-            self._apply(key, states[key], item, commit, now)
+            row = item.row
+            if isinstance(row, BotRow):  # kept aside: deduplicated, not sessionized
+                commit.bots.append(row)
+                continue
+            key = self.state_key(row.project_id, row.device_id)
+            self._apply(key, states[key], row, item.incoming, commit, now)
         await self._commit(commit)
         metrics.DUPLICATES.inc(duplicates)
         metrics.STAGE_EVENTS.labels("session").inc(len(commit.dedup_keys))

@@ -126,6 +126,14 @@ def test_duplicates_are_stored_once_and_bots_are_not_stored(service: Service) ->
     assert [r["name"] for r in rows] == ["Human", "Paid"]
     assert rows[1]["message_id"] == dup["messageId"]
     assert not service.query("SELECT 1 FROM evactors.events WHERE device_id LIKE 'bot-%'")
+    bots_kept = service.wait_rows("SELECT device_id, reason, user_agent, name FROM evactors.events_bots "
+                                  "ORDER BY device_id", 3)
+    assert [(b["device_id"], b["reason"]) for b in bots_kept] == [
+        ("bot-0", "known-pattern"), ("bot-1", "headless"), ("bot-2", "crawler-list")]
+    assert bots_kept[0]["user_agent"] == GOOGLEBOT and bots_kept[0]["name"] == "screen_view"
+    metrics = service.http.get(f"{service.url}/metrics").text
+    assert 'evactors_bots_total{reason="headless"} 1.0' in metrics
+    assert "evactors_duplicates_total 3.0" in metrics
 
 
 def test_segment_python_sdk_works_unchanged(service: Service) -> None:

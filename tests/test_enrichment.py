@@ -82,3 +82,18 @@ def test_enrichment_tuples_match_the_row_columns() -> None:
     assert fields[start:start + 9] == list(Geo._fields)
     start = fields.index("browser")
     assert fields[start:start + 7] == list(UAInfo._fields[:7])
+
+
+def test_fallback_resolvers_agree_with_the_native_one() -> None:
+    """Without ua-parser-rs the parser falls back to RE2, then pure Python: same answers."""
+    import ua_parser
+    from ua_parser import re2 as re2_resolver
+
+    matchers = ua_parser.load_builtins()
+    fallbacks = [ua_parser.Parser(re2_resolver.Resolver(matchers)),
+                 ua_parser.Parser(ua_parser.BasicResolver(matchers))]
+    assert UA.resolver == "regex"  # the native accelerator is what runs here
+    for ua in (CHROME, IPHONE, GOOGLEBOT, HEADLESS):
+        native = UA.parser(ua, ua_parser.Domain.ALL).complete()
+        for parser in fallbacks:
+            assert parser(ua, ua_parser.Domain.ALL).complete() == native

@@ -4,56 +4,9 @@ ClickHouse exactly once."""
 from __future__ import annotations
 
 import signal
-import threading
 import time
-import uuid
 
-import httpx
-
-from conftest import Service, message
-
-
-class Sender:
-    """Threads posting batches until told to stop; remembers what was acknowledged."""
-
-    def __init__(self, service: Service, threads: int = 4, batch: int = 50) -> None:
-        self.service = service
-        self.acked: set[str] = set()
-        self.attempted: set[str] = set()
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.batch = batch
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
-
-    def _run(self, worker: int) -> None:
-        client = httpx.Client(timeout=10)
-        n = 0
-        while not self.stop.is_set():
-            n += 1
-            msgs = [message("track", event="Load", anonymousId=f"user-{worker}-{n % 7}",
-                            messageId=str(uuid.uuid4())) for _ in range(self.batch)]
-            ids = {m["messageId"] for m in msgs}
-            with self.lock:
-                self.attempted |= ids
-            try:
-                r = client.post(f"{self.service.url}/v1/batch", json={"batch": msgs}, auth=("key-a", ""))
-            except httpx.HTTPError:
-                time.sleep(0.01)
-                continue
-            if r.status_code == 200:
-                with self.lock:
-                    self.acked |= ids
-        client.close()
-
-    def __enter__(self) -> Sender:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(20)
+from conftest import Sender, Service, message
 
 
 def _stored(service: Service, expected: set[str]) -> list[str]:
