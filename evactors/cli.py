@@ -88,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                   f"{info['data_dir']}/write_key)", flush=True)
 
     try:
-        return trio.run(run, config, ready)
+        return trio.run(run, config, ready, lambda: load_config(args))
     except StartupError as e:
         logging.getLogger("evactors").critical("cannot start: %s", e)
         return EXIT_FATAL

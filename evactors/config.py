@@ -17,6 +17,9 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 ENV_PREFIX = "EVACTORS_"
+# Variables of the deployment, not settings: the config file's path, and the install and
+# runtime directories that conf/supervisord.conf uses.
+RESERVED_ENV = frozenset({"EVACTORS_CONFIG", "EVACTORS_HOME", "EVACTORS_RUN_DIR"})
 
 
 class ConfigError(Exception):
@@ -182,7 +185,7 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
             known[f"{ENV_PREFIX}{section}_{field.name}".upper()] = (section, field.name)
     out: dict[str, Any] = {}
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name in ("EVACTORS_CONFIG",):
+        if not name.startswith(ENV_PREFIX) or name in RESERVED_ENV:
             continue
         if name == "EVACTORS_WRITE_KEYS":
             out["write_keys"] = parse_write_keys(raw.split(","), key="EVACTORS_WRITE_KEYS")

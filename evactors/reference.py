@@ -68,7 +68,9 @@ def markdown() -> str:
              "Precedence: defaults < the TOML file (`--config FILE` or `$EVACTORS_CONFIG`) < "
              "environment variables < command-line flags. Environment values are read as TOML "
              "literals (`4`, `true`, `[\"10.0.0.0/8\"]`), else as plain strings. A wrong or unknown "
-             "setting stops start-up with exit code 2 and names the key.", ""]
+             "setting stops start-up with exit code 2 and names the key. `EVACTORS_CONFIG` (the file), "
+             "`EVACTORS_HOME` and `EVACTORS_RUN_DIR` (used by `conf/supervisord.conf`) are not "
+             "settings and are ignored here.", ""]
     for section, typ, fields in _settings():
         lines += [f"## {'[' + section + ']' if section else 'Top level'}", "",
                   (typ.__doc__ or "").strip(), "",

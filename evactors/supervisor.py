@@ -52,6 +52,7 @@ from .messages import IngestBatch, Notice, Receipt, ShardBatch
 from .publisher import Publisher, publisher
 from .redis_io import TRANSIENT, DataDirLock, EmbeddedValkey, Keys, RedisIO
 from .replay import InFlight, Replayer, replayer
+from .sdnotify import Notifier
 from .sessions import SessionShard, session_actor
 from .useragent import UserAgentParser
 
@@ -128,10 +129,13 @@ def load_or_create_admin_token(data_dir: Path) -> str:
     return token
 
 
-async def _watch_signals(shutdown: trio.Event, hard_stop: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+async def _watch_signals(shutdown: trio.Event, hard_stop: trio.CancelScope,
+                         reload: Callable[[], Awaitable[None]]) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
-            if not shutdown.is_set():
+            if signum == signal.SIGHUP:
+                await reload()
+            elif not shutdown.is_set():
                 log.info("%s: stopping; draining in-flight events", signal.Signals(signum).name)
                 shutdown.set()
             else:
@@ -140,8 +144,10 @@ async def _watch_signals(shutdown: trio.Event, hard_stop: trio.CancelScope) -> N
                 return
 
 
-async def run(config: Config, ready: Callable[[dict[str, Any]], None] | None = None) -> int:
-    """Run the service until stopped. Returns the process exit code."""
+async def run(config: Config, ready: Callable[[dict[str, Any]], None] | None = None,
+              reload_config: Callable[[], Config] | None = None) -> int:
+    """Run the service until stopped. Returns the process exit code. ``reload_config``
+    re-reads the configuration on SIGHUP (write keys and GeoIP are applied live)."""
     data_dir = config.data_path
     data_dir.mkdir(parents=True, exist_ok=True)
     lock = DataDirLock(data_dir)
@@ -182,7 +188,7 @@ async def run(config: Config, ready: Callable[[dict[str, Any]], None] | None = N
             generated = key
         admin = AdminToken(load_or_create_admin_token(data_dir))
         code = await _serve(config, redis, clickhouse, geoip, WriteKeys(write_keys), admin,
-                            wait_aof, generated, data_dir, ready)
+                            wait_aof, generated, data_dir, ready, reload_config)
         return code
     return EXIT_OK  # pragma: no cover (the ExitStack does not swallow)
 
@@ -214,7 +220,8 @@ async def _check_strict(redis: RedisIO) -> None:
 async def _serve(config: Config, redis: RedisIO, clickhouse: ClickHouse, geoip: GeoIP,
                  write_keys: WriteKeys, admin: AdminToken, wait_aof: bool,
                  generated_key: str | None, data_dir: Path,
-                 ready: Callable[[dict[str, Any]], None] | None) -> int:
+                 ready: Callable[[dict[str, Any]], None] | None,
+                 reload_config: Callable[[], Config] | None) -> int:
     pipe = config.pipeline
     keys = Keys(config.redis.key_prefix)
     sup = Supervisor(config)
@@ -236,6 +243,21 @@ async def _serve(config: Config, redis: RedisIO, clickhouse: ClickHouse, geoip: 
                     backlog, clickhouse, admin, redis, in_flight)
     publish = Publisher(redis, keys)
     exit_code = EXIT_OK
+    systemd = Notifier()
+
+    async def reload() -> None:
+        """SIGHUP: new write keys from the configuration, and a changed GeoIP file."""
+        if reload_config is not None:
+            try:
+                fresh = reload_config()
+            except ConfigError as e:
+                log.error("SIGHUP: configuration not reloaded, the running one stays: %s", e)
+                return
+            if fresh.write_keys:
+                write_keys.replace(fresh.write_keys)
+                log.info("SIGHUP: %d write keys loaded", len(fresh.write_keys))
+        reloaded = await geoip.reload_if_changed()
+        log.info("SIGHUP: geoip database %s", "reloaded" if reloaded else "unchanged")
 
     async def serve_http(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         hconfig = hypercorn.config.Config()
@@ -275,7 +297,8 @@ async def _serve(config: Config, redis: RedisIO, clickhouse: ClickHouse, geoip: 
 
     try:
         async with trio.open_nursery() as root:
-            root.start_soon(_watch_signals, shutdown, root.cancel_scope)
+            root.start_soon(_watch_signals, shutdown, root.cancel_scope, reload)
+            root.start_soon(systemd.watchdog)
             root.start_soon(drain_deadline, root.cancel_scope)
             # Background actors: cancelled with the root once the pipeline has drained.
             root.start_soon(sup.supervise, "cleanup", cleanup, backlog)
@@ -322,8 +345,11 @@ async def _serve(config: Config, redis: RedisIO, clickhouse: ClickHouse, geoip: 
                         "data_dir": str(data_dir), "write_key": generated_key}
                 (data_dir / "service.json").write_text(json.dumps(info))
                 log.info("listening on %s", ", ".join(binds))
+                systemd.notify("READY=1", f"STATUS=listening on {info['url']}")
                 if ready is not None:
                     ready(info)
+                await shutdown.wait()
+                systemd.notify("STOPPING=1", "STATUS=draining in-flight events")
             root.cancel_scope.cancel()
     except* ActorFailed:
         exit_code = EXIT_FATAL
