@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
+from collections.abc import Callable
+from typing import Any
 
 import trio
 
@@ -24,6 +27,7 @@ class Backlog:
         self.keys = keys
         self.shards = shards
         self.cached = 0
+        self.lag_seconds = 0.0
 
     async def exact(self) -> int:
         names = [self.keys.ingest_count] + [self.keys.buffer_count(s) for s in range(self.shards)]
@@ -33,14 +37,33 @@ class Backlog:
         metrics.BACKLOG.set(total)
         return total
 
+    async def lag(self) -> float:
+        """Age of the oldest event still waiting in Redis (0 when nothing waits)."""
+        streams = [self.keys.ingest] + [self.keys.buffer(s) for s in range(self.shards)]
 
-async def cleanup(backlog: Backlog, every: float = 1.0) -> None:
-    """Refresh the backlog figure (and its shared cached copy in Redis)."""
+        def build(pipe: Any) -> None:
+            for stream in streams:
+                pipe.xrange(stream, "-", "+", count=1)
+
+        heads = await self.redis.pipeline(build)
+        oldest = min((int(entries[0][0].split(b"-")[0]) for entries in heads if entries), default=None)
+        self.lag_seconds = max(0.0, time.time() - oldest / 1000) if oldest is not None else 0.0
+        metrics.LAG.set(self.lag_seconds)
+        return self.lag_seconds
+
+
+async def cleanup(backlog: Backlog, depths: Callable[[], dict[str, int]] | None = None,
+                  every: float = 1.0) -> None:
+    """Refresh the backlog, the lag and the channel depths (gauges, and the cached
+    buffer size in Redis)."""
     while True:
         try:
             total = await backlog.exact()
+            await backlog.lag()
             await backlog.redis.run(functools.partial(
                 backlog.redis.client.set, backlog.keys.buffer_size_cached, total, ex=15))
         except TRANSIENT as e:
             log.warning("backlog refresh failed: %s", e)
+        for channel, depth in (depths() if depths else {}).items():
+            metrics.CHANNEL_DEPTH.labels(channel).set(depth)
         await trio.sleep(every)

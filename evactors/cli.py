@@ -23,32 +23,10 @@ from . import config as cfg
 EXIT_OK, EXIT_FATAL, EXIT_CONFIG = 0, 1, 2
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
 def setup_logging(c: cfg.Config) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    as_json = c.log.format == "json" or (c.log.format == "auto" and not sys.stderr.isatty())
-    if as_json:
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    logging.Formatter.converter = __import__("time").gmtime
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(c.log.level.upper())
-    for noisy in ("hpack", "hypercorn.access"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from . import logs
+
+    logs.setup(c.log.level, c.log.format)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -163,6 +141,42 @@ def cmd_query(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _admin_get(info: dict[str, Any], data_dir: Path, path: str) -> Any:
+    token = (data_dir / "admin.token").read_text().strip()
+    request = urllib.request.Request(info["url"].rstrip("/") + path,
+                                     headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Exit 0 with the state of a running service; 3 when none runs on this data dir
+    (as ``systemctl status`` does for an inactive unit)."""
+    config = load_config(args)
+    info = _running_service(config.data_path)
+    if info is None:
+        print(f"evactors is not running on {config.data_path}", file=sys.stderr)
+        return 3
+    try:
+        status = _admin_get(info, config.data_path, "/admin/status")
+    except (OSError, ValueError) as e:
+        print(f"evactors (pid {info['pid']}) does not answer: {e}", file=sys.stderr)
+        return EXIT_FATAL
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return EXIT_OK
+    print(f"evactors pid {status['pid']}, up {status['uptime_seconds']}s, {info['url']}")
+    print(f"backlog {status['backlog_events']} events in Redis, lag {status['lag_seconds']}s, "
+          f"ClickHouse {'connected' if status['clickhouse_connected'] else 'NOT connected'}")
+    print("actors:")
+    _print_table(["actor", "state", "restarts"],
+                 [[n, a["state"], a["restarts"]] for n, a in status["actors"].items()], "table")
+    print("channels (batches waiting): " + ", ".join(f"{k} {v}" for k, v in status["channels"].items()))
+    print("live visitors (5 min): " + (", ".join(f"{k} {v}" for k, v in status["live_visitors"].items())
+                                        or "no projects"))
+    return EXIT_OK
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args)
     print(msgspec.json.format(msgspec.json.encode(config)).decode())
@@ -219,6 +233,12 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--format", choices=["table", "json", "tsv"], default="table")
     q.add_argument("sql")
     q.set_defaults(func=cmd_query)
+
+    st = sub.add_parser("status", help="state of the running service: backlog, lag, actors, "
+                        "live visitors (exit 3 when it is not running)")
+    common(st)
+    st.add_argument("--json", action="store_true", help="print the raw status document")
+    st.set_defaults(func=cmd_status)
 
     c = sub.add_parser("check-config", help="validate the configuration and print it in full")
     common(c)

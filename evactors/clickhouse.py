@@ -246,6 +246,18 @@ class ClickHouse:
                         str(e).splitlines()[0][:200] if str(e) else type(e).__name__, self._retry_delay)
             return False
 
+    async def healthy(self) -> bool:
+        """Connected, and (for a server) answering its ping; never waits behind an insert."""
+        if not await self.ensure_open():
+            return False
+        if self.dsn.startswith("chdb://"):
+            return True  # in-process: connected is answering
+        try:
+            with trio.fail_after(2):
+                return bool(await trio.to_thread.run_sync(self.client.ping, abandon_on_cancel=True))
+        except Exception:
+            return False
+
     def close(self) -> None:
         if self.client is not None:
             self.client.close()

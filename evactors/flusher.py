@@ -126,6 +126,7 @@ class Flusher:
             raise InsertFailed(f"insert of {len(rows)} rows into {table} failed: "
                                f"{str(e).splitlines()[0][:300] if str(e) else type(e).__name__}") from e
         metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
+        metrics.FLUSH_ROWS.observe(len(rows))
         metrics.ROWS_INSERTED.labels(table).inc(len(rows))
 
     async def flush_all(self, notices: trio.MemorySendChannel[Notice] | None) -> int:

@@ -18,6 +18,8 @@ from typing import Any, NamedTuple
 import maxminddb
 import trio
 
+from . import metrics
+
 log = logging.getLogger("evactors.geoip")
 
 
@@ -113,6 +115,7 @@ class GeoIP:
         self.lookup = lru_cache(maxsize=self.cache_size)(self._lookup)
         old.close()
         self.reloads += 1
+        metrics.GEOIP_RELOADS.inc()
         log.info("geoip database reloaded from %s", self.path)
         return True
 

@@ -15,6 +15,8 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,7 +26,7 @@ import redis
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import metrics
+from . import logs, metrics
 from .bots import header_describes_sender
 from .cleanup import Backlog
 from .clickhouse import ClickHouse
@@ -42,6 +44,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _encode = msgspec.json.Encoder(enc_hook=str).encode
+_SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")
 _encode_events = msgspec.msgpack.Encoder().encode
 _CORS = [
     (b"access-control-allow-origin", b"*"),
@@ -64,6 +67,9 @@ class WriteKeys:
 
     def replace(self, keys: dict[str, str]) -> None:
         self._by_digest = {_digest(k): p for k, p in keys.items()}
+
+    def projects(self) -> list[str]:
+        return list(self._by_digest.values())
 
     def project(self, key: str | None) -> str | None:
         if not key:
@@ -126,7 +132,8 @@ class Ingest:
     def __init__(self, config: Config, write_keys: WriteKeys, log_: DurableLog,
                  outbox: trio.MemorySendChannel[IngestBatch], backlog: Backlog,
                  clickhouse: ClickHouse | None, admin: AdminToken,
-                 redis: RedisIO, in_flight: InFlight) -> None:
+                 redis: RedisIO, in_flight: InFlight,
+                 status: Callable[[], Awaitable[dict[str, Any]]] | None = None) -> None:
         self.config = config
         self.write_keys = write_keys
         self.durable = log_
@@ -136,6 +143,7 @@ class Ingest:
         self.admin = admin
         self.redis = redis
         self.in_flight = in_flight
+        self.status = status
         self.trusted = [ipaddress.ip_network(p, strict=False) for p in config.server.trusted_proxies]
 
     # --- ASGI ------------------------------------------------------------------------
@@ -153,6 +161,9 @@ class Ingest:
             return
         started = time.perf_counter()
         path, method = scope["path"], scope["method"]
+        given = _header(scope, b"x-request-id")
+        rid = given if 0 < len(given) <= 64 and _SAFE_ID.fullmatch(given) else secrets.token_hex(6)
+        logs.request_id.set(rid)  # this request's task only: its log lines carry it
         kind = ENDPOINTS.get(path.rstrip("/"))
         try:
             if kind is not None:
@@ -168,6 +179,7 @@ class Ingest:
                 status, headers, body = await self.other(path, method, scope, receive)
         except RequestError as e:
             status, body = e.status, _encode(e.body)
+            log.info("refused %s %s: %d %s", method, path, e.status, e.body["error"])
             headers = [(b"content-type", b"application/json")] + (list(_CORS) if kind else [])
             if e.status == 503:
                 headers.append((b"retry-after", str(self.config.server.retry_after_seconds).encode()))
@@ -177,6 +189,7 @@ class Ingest:
         if kind is not None:
             metrics.HTTP_LATENCY.observe(time.perf_counter() - started)
         headers.append((b"content-length", str(len(body)).encode()))
+        headers.append((b"x-request-id", rid.encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
@@ -267,11 +280,19 @@ class Ingest:
                     await self.redis.run(self.redis.client.ping)
             except (*TRANSIENT, trio.TooSlowError):
                 return 503, json, b'{"status":"redis unavailable"}'
+            if self.clickhouse is not None and not await self.clickhouse.healthy():
+                return 503, json, b'{"status":"clickhouse unavailable"}'
             if self.backlog.cached > self.config.server.high_water_events:
                 return 503, json, b'{"status":"backlog over high-water mark"}'
             return 200, json, b'{"status":"ready"}'
         if path == "/metrics":
             return 200, [(b"content-type", CONTENT_TYPE_LATEST.encode())], generate_latest(metrics.REGISTRY)
+        if path == "/admin/status" and method == "GET":
+            if not self.admin.check(_header(scope, b"authorization")):
+                raise RequestError(401, "unauthorized", "admin token required (Bearer)")
+            if self.status is None:
+                raise RequestError(404, "not_found", "no status here")
+            return 200, json, _encode(await self.status())
         if path == "/admin/query" and method == "POST":
             if not self.admin.check(_header(scope, b"authorization")):
                 raise RequestError(401, "unauthorized", "admin token required (Bearer)")

@@ -33,6 +33,12 @@ ACTOR_RESTARTS = Counter("evactors_actor_restarts", "Restarts of crashed actors"
 SESSIONS_CLOSED = Counter("evactors_sessions_closed", "Sessions closed", registry=REGISTRY)
 BACKLOG = Gauge("evactors_backlog_events", "Events durable in Redis, not yet in ClickHouse",
                 registry=REGISTRY)
+LAG = Gauge("evactors_lag_seconds", "Age of the oldest event waiting in Redis", registry=REGISTRY)
+CHANNEL_DEPTH = Gauge("evactors_channel_depth_batches", "Batches waiting in a channel between actors",
+                      ["channel"], registry=REGISTRY)
+FLUSH_ROWS = Histogram("evactors_flush_rows", "Rows in one ClickHouse insert",
+                       buckets=(1, 10, 100, 500, 1000, 5000, 10000, 20000, 50000), registry=REGISTRY)
+GEOIP_RELOADS = Counter("evactors_geoip_reloads", "GeoIP database reloads", registry=REGISTRY)
 PUBLISH_DROPPED = Counter("evactors_publish_dropped", "Notifications skipped (publisher behind)",
                           registry=REGISTRY)
 DEAD_LETTERS = Counter("evactors_dead_letters", "Entries moved to the dead-letter stream",

@@ -38,7 +38,7 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
-from . import metrics
+from . import logs, metrics
 from .acker import acker
 from .bots import BotDetector
 from .cleanup import Backlog, cleanup
@@ -49,7 +49,7 @@ from .flusher import Flusher, flusher
 from .geoip import GeoIP
 from .ingest import AdminToken, DurableLog, Ingest, WriteKeys
 from .messages import IngestBatch, Notice, Receipt, ShardBatch
-from .publisher import Publisher, publisher
+from .publisher import LIVE_WINDOW_MS, Publisher, publisher
 from .redis_io import TRANSIENT, DataDirLock, EmbeddedValkey, Keys, RedisIO
 from .replay import InFlight, Replayer, replayer
 from .sdnotify import Notifier
@@ -73,17 +73,22 @@ class Supervisor:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.failures: dict[str, list[float]] = {}
+        self.states: dict[str, str] = {}  # actor → running | restarting | finished | failed
+        self.restarts: dict[str, int] = {}
 
     async def supervise(self, name: str, actor: Callable[..., Awaitable[None]], *args: Any,
                         closes: tuple[Any, ...] = ()) -> None:
         """Run ``actor(*args)`` until it returns; restart it when it raises."""
         sup = self.config.supervisor
         delay = sup.backoff_initial_seconds
+        logs.actor.set(name)  # this task's context: everything the actor logs names it
+        self.states[name] = "running"
         try:
             while True:
                 started = time.monotonic()
                 try:
                     await actor(*args)
+                    self.states[name] = "finished"
                     return
                 except Exception as e:
                     now = time.monotonic()
@@ -93,13 +98,17 @@ class Supervisor:
                     recent.append(now)
                     self.failures[name] = recent
                     metrics.ACTOR_RESTARTS.labels(name).inc()
+                    self.restarts[name] = self.restarts.get(name, 0) + 1
                     if len(recent) > sup.max_restarts:
+                        self.states[name] = "failed"
                         log.critical("actor %s crashed %d times in %.0fs; stopping the service",
                                      name, len(recent), sup.restart_window_seconds, exc_info=e)
                         raise ActorFailed(name) from e
                     log.error("actor %s crashed (%s: %s); restarting in %.2fs", name,
                               type(e).__name__, e, delay, exc_info=e)
+                    self.states[name] = "restarting"
                     await trio.sleep(delay)
+                    self.states[name] = "running"
                     delay = min(delay * 2, sup.backoff_max_seconds)
         finally:
             for channel in closes:
@@ -239,8 +248,35 @@ async def _serve(config: Config, redis: RedisIO, clickhouse: ClickHouse, geoip: 
     await backlog.exact()
     enrich = Enricher(pipe, geoip, UserAgentParser(pipe.ua_cache_size), BotDetector(pipe.ua_cache_size))
     flush = Flusher(redis, keys, clickhouse, pipe.session_shards, config.flush.chunk_rows)
+    started_at = time.time()
+
+    def depths() -> dict[str, int]:
+        out = {"to-enrich": ingest.outbox.statistics().current_buffer_used,
+               "receipts": done_rx.statistics().current_buffer_used,
+               "notices": notice_rx.statistics().current_buffer_used}
+        for i, (_tx, rx) in enumerate(shard_channels):
+            out[f"to-session-{i}"] = rx.statistics().current_buffer_used
+        return out
+
+    async def status() -> dict[str, Any]:
+        projects = sorted(set(write_keys.projects()))
+        def build(pipe: Any) -> None:
+            now_ms = int(time.time() * 1000)
+            for project in projects:
+                pipe.zcount(keys.live(project), now_ms - LIVE_WINDOW_MS, "+inf")
+        counts = await redis.pipeline(build) if projects else []
+        return {
+            "pid": os.getpid(), "uptime_seconds": round(time.time() - started_at, 1),
+            "backlog_events": await backlog.exact(), "lag_seconds": round(await backlog.lag(), 3),
+            "actors": {name: {"state": state, "restarts": sup.restarts.get(name, 0)}
+                       for name, state in sorted(sup.states.items())},
+            "channels": depths(),
+            "live_visitors": dict(zip(projects, counts, strict=True)),
+            "clickhouse_connected": clickhouse.client is not None,
+        }
+
     ingest = Ingest(config, write_keys, DurableLog(redis, keys, wait_aof), to_enrich_tx.clone(),
-                    backlog, clickhouse, admin, redis, in_flight)
+                    backlog, clickhouse, admin, redis, in_flight, status)
     publish = Publisher(redis, keys)
     exit_code = EXIT_OK
     systemd = Notifier()
@@ -301,7 +337,7 @@ async def _serve(config: Config, redis: RedisIO, clickhouse: ClickHouse, geoip: 
             root.start_soon(systemd.watchdog)
             root.start_soon(drain_deadline, root.cancel_scope)
             # Background actors: cancelled with the root once the pipeline has drained.
-            root.start_soon(sup.supervise, "cleanup", cleanup, backlog)
+            root.start_soon(sup.supervise, "cleanup", cleanup, backlog, depths)
             root.start_soon(sup.supervise, "geoip-reloader", geoip.watch,
                             config.geoip.reload_check_seconds)
             async with trio.open_nursery() as actors:

@@ -1,0 +1,49 @@
+"""Operating the service: status, metrics, health, structured logs without PII."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from conftest import CHROME, GB_IP, Service, message, run_cli
+
+
+def test_status_metrics_health_and_logs(service: Service) -> None:
+    msgs = [message("page", anonymousId="op-1", userId="op-user", name="Home",
+                    properties={"path": "/"}, context={"ip": GB_IP, "userAgent": CHROME}),
+            message("track", anonymousId="op-1", userId="op-user", event="Go",
+                    context={"ip": GB_IP, "userAgent": CHROME})]
+    r = service.batch(msgs)
+    assert r.status_code == 200 and len(r.headers["x-request-id"]) == 12
+    r = service.post("/v1/track", {"anonymousId": "x"}, headers={"x-request-id": "trace-42"})
+    assert r.status_code == 400 and r.headers["x-request-id"] == "trace-42"
+    service.wait_rows("SELECT 1 FROM evactors.events WHERE name = 'Go'", 1)
+
+    result = run_cli("status", "--data-dir", str(service.data_dir))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "backlog" in out and "ClickHouse connected" in out
+    for actor in ("acker", "flusher", "publisher", "session-0", "enricher-0", "replayer", "cleanup"):
+        assert actor in out
+    assert "live visitors (5 min): project-a 1" in out
+    status = json.loads(run_cli("status", "--data-dir", str(service.data_dir), "--json").stdout)
+    assert status["actors"]["flusher"] == {"state": "running", "restarts": 0}
+    assert set(status["channels"]) >= {"to-enrich", "to-session-0", "receipts", "notices"}
+
+    assert service.http.get(f"{service.url}/health/ready").json() == {"status": "ready"}
+    time.sleep(1.2)  # a cleanup round sets the gauges
+    metrics = service.http.get(f"{service.url}/metrics").text
+    for name in ("evactors_lag_seconds", 'evactors_channel_depth_batches{channel="to-enrich"}',
+                 "evactors_flush_rows_bucket", "evactors_flush_seconds_bucket",
+                 "evactors_http_latency_seconds_bucket", 'evactors_stage_events_total{stage="enrich"}',
+                 "evactors_rows_inserted_total", "evactors_backlog_events"):
+        assert name in metrics, name
+
+    assert run_cli("status", "--data-dir", str(service.data_dir / "nowhere")).returncode == 3
+    assert service.stop() == 0
+    log = service.log()
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert any(entry.get("actor") == "flusher" for entry in lines)
+    rejected = [e for e in lines if e.get("request_id") == "trace-42"]
+    assert rejected and "400 invalid_event" in rejected[0]["msg"]
+    assert GB_IP not in log and "Windows NT" not in log  # no raw IPs or user agents in logs
