@@ -20,6 +20,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import parse_qsl
 
 import msgspec
 import redis
@@ -31,8 +32,10 @@ from .bots import header_describes_sender
 from .cleanup import Backlog
 from .clickhouse import ClickHouse
 from .config import Config
+from .live import PAGE, LiveHub
 from .messages import IngestBatch, Receipt
 from .model import Incoming
+from .publisher import LIVE_WINDOW_MS
 from .redis_io import TRANSIENT, Keys, RedisIO
 from .replay import InFlight
 from .segment import ENDPOINTS, Peer, RequestError, body_write_key, decompress, parse
@@ -133,7 +136,8 @@ class Ingest:
                  outbox: trio.MemorySendChannel[IngestBatch], backlog: Backlog,
                  clickhouse: ClickHouse | None, admin: AdminToken,
                  redis: RedisIO, in_flight: InFlight,
-                 status: Callable[[], Awaitable[dict[str, Any]]] | None = None) -> None:
+                 status: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+                 live: LiveHub | None = None) -> None:
         self.config = config
         self.write_keys = write_keys
         self.durable = log_
@@ -142,8 +146,10 @@ class Ingest:
         self.clickhouse = clickhouse
         self.admin = admin
         self.redis = redis
+        self.keys = log_.keys
         self.in_flight = in_flight
         self.status = status
+        self.live = live
         self.trusted = [ipaddress.ip_network(p, strict=False) for p in config.server.trusted_proxies]
 
     # --- ASGI ------------------------------------------------------------------------
@@ -175,6 +181,9 @@ class Ingest:
                     status, payload, extra = await self.track(kind, scope, receive)
                     headers, body = list(_CORS) + extra, _encode(payload)
                     headers.append((b"content-type", b"application/json"))
+            elif path == "/live/stream" and method == "GET" and self.live is not None:
+                await self.live_stream(scope, receive, send)
+                return
             else:
                 status, headers, body = await self.other(path, method, scope, receive)
         except RequestError as e:
@@ -269,6 +278,55 @@ class Ingest:
             }, []
         return 200, {"success": True}, []
 
+    async def live_stream(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Server-Sent Events for one viewer: ``hello``, ``stats`` every second, ``events``."""
+        assert self.live is not None
+        query = dict(parse_qsl(scope.get("query_string", b"").decode(errors="replace")))
+        project = self.write_keys.project(query.get("key"))
+        if project is None:
+            body = _encode({"success": False, "error": "unauthorized",
+                            "message": "a write key of the project is required (?key=…)"})
+            await send({"type": "http.response.start", "status": 401,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        viewer = self.live.join(project)
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no")]})
+
+        async def event(name: str, data: Any) -> None:
+            chunk = f"event: {name}\ndata: ".encode() + _encode(data) + b"\n\n"
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+        async def stats() -> None:
+            while True:
+                visitors = await self.redis.run(
+                    self.redis.client.zcount, self.keys.live(project),
+                    int(time.time() * 1000) - LIVE_WINDOW_MS, "+inf")
+                await event("stats", {"live_visitors": visitors,
+                                      "events_per_second": self.live.rate(project)})  # type: ignore[union-attr]
+                await trio.sleep(1)
+
+        async def until_disconnect(cancel: trio.CancelScope) -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            cancel.cancel()
+
+        try:
+            await event("hello", {"project": project})
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stats)
+                nursery.start_soon(until_disconnect, nursery.cancel_scope)
+                async for rows in viewer.receive:
+                    await event("events", rows)
+                nursery.cancel_scope.cancel()  # the hub closed: the service is stopping
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except (OSError, *TRANSIENT):
+            pass  # the viewer went away, or Redis did: EventSource reconnects by itself
+        finally:
+            self.live.leave(viewer)
+
     async def other(self, path: str, method: str, scope: Scope,
                     receive: Receive) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         json = [(b"content-type", b"application/json")]
@@ -285,6 +343,8 @@ class Ingest:
             if self.backlog.cached > self.config.server.high_water_events:
                 return 503, json, b'{"status":"backlog over high-water mark"}'
             return 200, json, b'{"status":"ready"}'
+        if path == "/live" and method == "GET":
+            return 200, [(b"content-type", b"text/html; charset=utf-8")], PAGE.encode()
         if path == "/metrics":
             return 200, [(b"content-type", CONTENT_TYPE_LATEST.encode())], generate_latest(metrics.REGISTRY)
         if path == "/admin/status" and method == "GET":

@@ -48,6 +48,7 @@ from .enrich import Enricher, enricher
 from .flusher import Flusher, flusher
 from .geoip import GeoIP
 from .ingest import AdminToken, DurableLog, Ingest, WriteKeys
+from .live import LiveHub
 from .messages import IngestBatch, Notice, Receipt, ShardBatch
 from .publisher import LIVE_WINDOW_MS, Publisher, publisher
 from .redis_io import TRANSIENT, DataDirLock, EmbeddedValkey, Keys, RedisIO
@@ -275,8 +276,9 @@ async def _serve(config: Config, redis: RedisIO, clickhouse: ClickHouse, geoip: 
             "clickhouse_connected": clickhouse.client is not None,
         }
 
+    hub = LiveHub(redis.url, keys)
     ingest = Ingest(config, write_keys, DurableLog(redis, keys, wait_aof), to_enrich_tx.clone(),
-                    backlog, clickhouse, admin, redis, in_flight, status)
+                    backlog, clickhouse, admin, redis, in_flight, status, hub)
     publish = Publisher(redis, keys)
     exit_code = EXIT_OK
     systemd = Notifier()
@@ -338,6 +340,7 @@ async def _serve(config: Config, redis: RedisIO, clickhouse: ClickHouse, geoip: 
             root.start_soon(drain_deadline, root.cancel_scope)
             # Background actors: cancelled with the root once the pipeline has drained.
             root.start_soon(sup.supervise, "cleanup", cleanup, backlog, depths)
+            root.start_soon(sup.supervise, "live-hub", hub.run, shutdown)
             root.start_soon(sup.supervise, "geoip-reloader", geoip.watch,
                             config.geoip.reload_check_seconds)
             async with trio.open_nursery() as actors:

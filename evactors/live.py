@@ -1,0 +1,158 @@
+"""The live view: ``/live`` (a page) and ``/live/stream`` (Server-Sent Events).
+
+The hub is an actor that listens on the ``event:received`` pub/sub channel — the same
+notifications any other consumer gets — only while someone is watching, and fans each
+project's events out to that project's viewers. A viewer proves its project with the
+project's write key (the key browser SDKs already carry). Slow viewers miss updates rather
+than hold anything up: their queues are small and dropped into.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections import deque
+from typing import Any
+
+import msgspec
+import redis
+import trio
+
+from .redis_io import Keys
+
+log = logging.getLogger("evactors.live")
+
+CHANNEL = "event:received"
+SHOWN = ("id", "name", "path", "country", "city", "browser", "os", "device", "created_at",
+         "profile_id", "device_id")
+
+
+class Viewer:
+    def __init__(self, project: str) -> None:
+        self.project = project
+        self.send, self.receive = trio.open_memory_channel[list[dict[str, Any]]](16)
+
+
+class LiveHub:
+    def __init__(self, redis_url: str, keys: Keys) -> None:
+        self.redis_url = redis_url
+        self.keys = keys
+        self.viewers: set[Viewer] = set()
+        self.someone = trio.Event()
+        self.limiter = trio.CapacityLimiter(1)
+        self.arrivals: dict[str, deque[tuple[float, int]]] = {}  # project → (time, events)
+
+    def join(self, project: str) -> Viewer:
+        viewer = Viewer(project)
+        self.viewers.add(viewer)
+        self.someone.set()
+        return viewer
+
+    def leave(self, viewer: Viewer) -> None:
+        self.viewers.discard(viewer)
+        viewer.send.close()
+
+    def rate(self, project: str, window: float = 5.0) -> float:
+        """Events per second received for a project, over the last ``window`` seconds."""
+        now = time.monotonic()
+        arrivals = self.arrivals.get(project, deque())
+        while arrivals and arrivals[0][0] < now - window:
+            arrivals.popleft()
+        return round(sum(n for _t, n in arrivals) / window, 1)
+
+    def _fan_out(self, payload: bytes) -> None:
+        body = msgspec.json.decode(payload)
+        columns = body["columns"]
+        index = {name: columns.index(name) for name in (*SHOWN, "project_id")}
+        by_project: dict[str, list[dict[str, Any]]] = {}
+        for row in body["rows"]:
+            by_project.setdefault(row[index["project_id"]], []).append(
+                {name: row[index[name]] for name in SHOWN})
+        now = time.monotonic()
+        for project, rows in by_project.items():
+            self.arrivals.setdefault(project, deque()).append((now, len(rows)))
+        for viewer in list(self.viewers):
+            mine = by_project.get(viewer.project)
+            if mine:
+                try:
+                    viewer.send.send_nowait(mine[-20:])
+                except (trio.WouldBlock, trio.ClosedResourceError):
+                    pass  # a slow (or gone) viewer skips an update
+
+    async def run(self, shutdown: trio.Event) -> None:
+        """The hub actor: subscribed while there are viewers, until shutdown."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._listen)
+            await shutdown.wait()
+            nursery.cancel_scope.cancel()
+        for viewer in list(self.viewers):
+            self.leave(viewer)
+
+    async def _listen(self) -> None:
+        while True:
+            await self.someone.wait()
+            client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await trio.to_thread.run_sync(pubsub.subscribe, CHANNEL, limiter=self.limiter)
+                while self.viewers:
+                    message = await trio.to_thread.run_sync(
+                        functools.partial(pubsub.get_message, timeout=0.5), limiter=self.limiter,
+                        abandon_on_cancel=True)
+                    if message and message.get("type") == "message":
+                        self._fan_out(message["data"])
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+                log.warning("live view lost its subscription, resubscribing: %s", e)
+                await trio.sleep(1)
+            finally:
+                pubsub.close()
+                client.close()
+            if not self.viewers:
+                self.someone = trio.Event()
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>evactors live</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+ body{font:15px system-ui,sans-serif;margin:2rem;color:#1d2330;background:#f6f7fb}
+ h1{font-size:1.2rem;margin:0 0 1rem} .muted{color:#6b7385}
+ .cards{display:flex;gap:1rem;margin-bottom:1.5rem}
+ .card{background:#fff;border-radius:10px;padding:1rem 1.5rem;box-shadow:0 1px 3px #0002;min-width:11rem}
+ .card b{display:block;font-size:2.4rem;font-variant-numeric:tabular-nums}
+ table{border-collapse:collapse;background:#fff;width:100%;box-shadow:0 1px 3px #0002}
+ th,td{text-align:left;padding:.35rem .7rem;border-bottom:1px solid #eceef3;white-space:nowrap}
+ th{background:#eef0f6;font-weight:600} #state.bad{color:#b3261e}
+</style></head><body>
+<h1>evactors live — <span id="project">…</span> <span id="state" class="muted">connecting</span></h1>
+<div class="cards">
+ <div class="card"><span class="muted">live visitors (5 min)</span><b id="visitors">0</b></div>
+ <div class="card"><span class="muted">events / second</span><b id="rate">0</b></div>
+ <div class="card"><span class="muted">events seen here</span><b id="total">0</b></div>
+</div>
+<table><thead><tr><th>time</th><th>event</th><th>path</th><th>where</th><th>browser</th><th>device</th></tr></thead>
+<tbody id="events"></tbody></table>
+<script>
+const key = new URLSearchParams(location.search).get("key") || "";
+const stream = new EventSource("/live/stream?key=" + encodeURIComponent(key));
+const $ = (id) => document.getElementById(id);
+let total = 0;
+stream.addEventListener("hello", (e) => { $("project").textContent = JSON.parse(e.data).project;
+  $("state").textContent = "live"; $("state").className = "muted"; });
+stream.addEventListener("stats", (e) => { const s = JSON.parse(e.data);
+  $("visitors").textContent = s.live_visitors; $("rate").textContent = s.events_per_second; });
+stream.addEventListener("events", (e) => {
+  const rows = JSON.parse(e.data); total += rows.length; $("total").textContent = total;
+  for (const r of rows) {
+    const tr = document.createElement("tr");
+    const cells = [new Date(r.created_at).toLocaleTimeString(), r.name, r.path,
+                   [r.city, r.country].filter(Boolean).join(", "), r.browser, r.device];
+    for (const c of cells) { const td = document.createElement("td"); td.textContent = c ?? ""; tr.appendChild(td); }
+    $("events").prepend(tr);
+  }
+  while ($("events").children.length > 30) $("events").lastChild.remove();
+});
+stream.onerror = () => { $("state").textContent = "reconnecting"; $("state").className = "bad"; };
+</script></body></html>
+"""
