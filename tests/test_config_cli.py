@@ -77,6 +77,7 @@ def test_bad_flag_values_exit_2(tmp_path: Path) -> None:
 
 
 def test_help_everywhere() -> None:
-    for command in ([], ["run"], ["query"], ["check-config"], ["migrate"]):
+    for command in ([], ["run"], ["query"], ["check-config"], ["migrate"], ["status"],
+                    ["config-reference"], ["bench-enrich"]):
         result = run_cli(*command, "--help")
-        assert result.returncode == 0 and "usage: evactors" in result.stdout
+        assert result.returncode == 0 and "usage: evactors" in result.stdout, command

@@ -103,13 +103,21 @@ def test_supervisord_runs_and_stops_the_service(tmp_path: Path) -> None:
     assert rows.returncode == 0 and rows.stdout.strip() == "Supervised", rows.stderr
 
 
-def test_sighup_reloads_write_keys_without_restart(make_service, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_sighup_reloads_write_keys_and_geoip_without_restart(make_service, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from evactors.geoip import bundled_database
+
     conf = tmp_path / "evactors.toml"
     conf.write_text('[write_keys]\nold-key = "project-a"\n')
-    service: Service = make_service(write_keys={}, args=["--config", str(conf)]).start()
+    database = tmp_path / "City.mmdb"
+    shutil.copyfile(bundled_database(), database)
+    service: Service = make_service(write_keys={}, args=["--config", str(conf)], env={
+        "EVACTORS_GEOIP_DATABASE": str(database),
+        "EVACTORS_GEOIP_RELOAD_CHECK_SECONDS": "3600"}).start()  # only SIGHUP will look
     body = {k: v for k, v in message("track", event="E").items() if k != "type"}
     assert service.post("/v1/track", body, key="old-key").status_code == 200
     conf.write_text('[write_keys]\nnew-key = "project-a"\n')  # a rotation
+    shutil.copyfile(bundled_database(), tmp_path / "new.mmdb")
+    os.replace(tmp_path / "new.mmdb", database)  # and a database update
     assert service.proc is not None
     pid = service.proc.pid
     service.proc.send_signal(signal.SIGHUP)
@@ -119,6 +127,7 @@ def test_sighup_reloads_write_keys_without_restart(make_service, tmp_path: Path)
         time.sleep(0.05)
     assert service.post("/v1/track", body, key="new-key").status_code == 200
     assert service.post("/v1/track", body, key="old-key").status_code == 401
+    assert "SIGHUP: geoip database reloaded" in service.log()
     conf.write_text("[write_keys\n")  # a broken file is refused; the running keys stay
     service.proc.send_signal(signal.SIGHUP)
     while "configuration not reloaded" not in service.log():
