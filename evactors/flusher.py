@@ -81,7 +81,12 @@ class Flusher:
                 break
         entries = entries[:cut]
         plan = Plan(entries[0][0].decode(), entries[-1][0].decode())
-        await self.redis.run(self.redis.client.set, plan_key, msgspec.msgpack.encode(plan))
+        # NX: if another flusher (another instance, or one whose lock lapsed) recorded a plan
+        # first, that plan is the one to carry out — never two plans over the same entries.
+        created = await self.redis.run(functools.partial(
+            self.redis.client.set, plan_key, msgspec.msgpack.encode(plan), nx=True))
+        if not created:
+            return await self._entries(shard)
         return plan, entries
 
     async def flush_shard(self, shard: int, notices: trio.MemorySendChannel[Notice] | None) -> int:

@@ -193,6 +193,22 @@ class EmbeddedValkey:
         if Path(f"/proc/{pid}").exists():
             os.kill(pid, signal.SIGKILL)
 
+    def alive(self) -> bool:
+        process = getattr(self.server, "_process", None)
+        return process is not None and process.poll() is None
+
+    async def keep(self, every: float = 0.5) -> None:
+        """The keeper actor: a Valkey that died (OOM killer, kill -9) is started again on
+        the same data; its append-only file brings back what it had acknowledged."""
+        while True:
+            await trio.sleep(every)
+            if self.server is not None and not self.alive():
+                log.error("embedded valkey died (exit %s); restarting it",
+                          self.server._process.returncode if self.server._process else "?")
+                self.server._process = None
+                await trio.to_thread.run_sync(self.server.start, 30)
+                log.info("embedded valkey is back")
+
     def stop(self) -> None:
         if self.server is not None:
             self.server.stop(timeout=30)

@@ -198,7 +198,7 @@ async def run(config: Config, ready: Callable[[dict[str, Any]], None] | None = N
             generated = key
         admin = AdminToken(load_or_create_admin_token(data_dir))
         code = await _serve(config, redis, clickhouse, geoip, WriteKeys(write_keys), admin,
-                            wait_aof, generated, data_dir, ready, reload_config)
+                            wait_aof, generated, data_dir, ready, reload_config, embedded)
         return code
     return EXIT_OK  # pragma: no cover (the ExitStack does not swallow)
 
@@ -231,7 +231,8 @@ async def _serve(config: Config, redis: RedisIO, clickhouse: ClickHouse, geoip: 
                  write_keys: WriteKeys, admin: AdminToken, wait_aof: bool,
                  generated_key: str | None, data_dir: Path,
                  ready: Callable[[dict[str, Any]], None] | None,
-                 reload_config: Callable[[], Config] | None) -> int:
+                 reload_config: Callable[[], Config] | None,
+                 embedded: EmbeddedValkey | None = None) -> int:
     pipe = config.pipeline
     keys = Keys(config.redis.key_prefix)
     sup = Supervisor(config)
@@ -341,6 +342,8 @@ async def _serve(config: Config, redis: RedisIO, clickhouse: ClickHouse, geoip: 
             # Background actors: cancelled with the root once the pipeline has drained.
             root.start_soon(sup.supervise, "cleanup", cleanup, backlog, depths)
             root.start_soon(sup.supervise, "live-hub", hub.run, shutdown)
+            if embedded is not None:
+                root.start_soon(sup.supervise, "valkey-keeper", embedded.keep)
             root.start_soon(sup.supervise, "geoip-reloader", geoip.watch,
                             config.geoip.reload_check_seconds)
             async with trio.open_nursery() as actors:

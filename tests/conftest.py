@@ -157,6 +157,7 @@ class Sender:
         self.fields = fields
         self.acked: set[str] = set()
         self.attempted: set[str] = set()
+        self.refused = 0  # 503 answers
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.batch = batch
@@ -180,6 +181,10 @@ class Sender:
             if r.status_code == 200:
                 with self.lock:
                     self.acked |= ids
+            elif r.status_code == 503:
+                with self.lock:
+                    self.refused += 1
+                time.sleep(0.05)
         client.close()
 
     def __enter__(self) -> Sender:
@@ -235,3 +240,33 @@ def valkey(tmp_path: Path) -> Iterator[Any]:
     server.start()
     yield server
     server.stop()
+
+
+# --- the fault suite's summary -----------------------------------------------------------
+
+FAULT_RESULTS: list[dict[str, Any]] = []
+
+
+def record_fault_result(name: str, trials: int, acknowledged: set[str], stored: list[str]) -> dict[str, Any]:
+    """Tally one fault test: every acknowledged event must be stored exactly once."""
+    found = set(stored)
+    result = {"test": name, "trials": trials, "acknowledged": len(acknowledged),
+              "found": len(acknowledged & found), "lost": len(acknowledged - found),
+              "doubled": len(stored) - len(found)}
+    FAULT_RESULTS.append(result)
+    return result
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not FAULT_RESULTS:
+        return
+    write = terminalreporter.write_line
+    write("")
+    write("fault suite: every acknowledged event stored exactly once?")
+    write(f"{'test':<44} {'trials':>6} {'acked':>8} {'found':>8} {'lost':>5} {'doubled':>7}")
+    for r in FAULT_RESULTS:
+        write(f"{r['test']:<44} {r['trials']:>6} {r['acknowledged']:>8} {r['found']:>8} "
+              f"{r['lost']:>5} {r['doubled']:>7}")
+    total = {k: sum(r[k] for r in FAULT_RESULTS) for k in ("trials", "acknowledged", "found", "lost", "doubled")}
+    write(f"{'total':<44} {total['trials']:>6} {total['acknowledged']:>8} {total['found']:>8} "
+          f"{total['lost']:>5} {total['doubled']:>7}")
