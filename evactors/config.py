@@ -52,6 +52,9 @@ class ServerConfig(_Section):
     high_water_events: Annotated[int, Doc(
         "Events waiting in Redis (not yet in ClickHouse) above which ingest answers 503.")] = 2_000_000
     retry_after_seconds: Annotated[int, Doc("Seconds a 503 asks the sender to wait (Retry-After).")] = 5
+    read_timeout_seconds: Annotated[float, Doc(
+        "A connection that sends nothing for this long is closed: idle keep-alive connections, "
+        "and slow clients that never finish a request (slowloris).")] = 10.0
 
 
 class RedisConfig(_Section):
@@ -298,6 +301,7 @@ def validate(c: Config) -> None:
         ("server.max_batch_bytes", c.server.max_batch_bytes),
         ("server.high_water_events", c.server.high_water_events),
         ("server.retry_after_seconds", c.server.retry_after_seconds),
+        ("server.read_timeout_seconds", c.server.read_timeout_seconds),
         ("redis.timeout_seconds", c.redis.timeout_seconds),
         ("clickhouse.timeout_seconds", c.clickhouse.timeout_seconds),
         ("pipeline.enrichers", c.pipeline.enrichers),

@@ -48,7 +48,6 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _encode = msgspec.json.Encoder(enc_hook=str).encode
 _SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")
-_encode_events = msgspec.msgpack.Encoder().encode
 _CORS = [
     (b"access-control-allow-origin", b"*"),
     (b"access-control-allow-methods", b"POST, OPTIONS"),
@@ -97,8 +96,8 @@ class DurableLog:
         self.keys = keys
         self.wait_aof = wait_aof
 
-    async def append(self, events: list[Incoming]) -> Receipt:
-        blob = _encode_events(events)
+    async def append(self, events: list[Incoming], blob: bytes) -> Receipt:
+        """Store ``events`` (``blob``: their msgpack array) as one stream entry."""
 
         def build(pipe: Any) -> None:
             pipe.xadd(self.keys.ingest, {b"n": len(events), b"e": blob})
@@ -260,7 +259,7 @@ class Ingest:
             metrics.EVENTS_REJECTED.labels(rejected.field).inc()
         if parsed.events:
             try:
-                receipt = await self.durable.append(parsed.events)
+                receipt = await self.durable.append(parsed.events, parsed.stored_form())
             except (*TRANSIENT, TimeoutError, redis.ResponseError) as e:  # OOM, MISCONF, READONLY…
                 log.warning("cannot store events, answering 503: %s", e)
                 metrics.EVENTS_REJECTED.labels("redis_unavailable").inc(len(parsed.events))

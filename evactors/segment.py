@@ -62,6 +62,14 @@ class Rejected:
 class Parsed:
     events: list[Incoming] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
+    encoded: list[bytes] = field(default_factory=list)  # each event as msgpack, in order
+
+    def stored_form(self) -> bytes:
+        """The events as one msgpack array, from the per-event encodings (no second pass)."""
+        n = len(self.encoded)
+        header = (bytes([0x90 | n]) if n < 16 else b"\xdc" + n.to_bytes(2, "big") if n < 65536
+                  else b"\xdd" + n.to_bytes(4, "big"))
+        return header + b"".join(self.encoded)
 
 
 @dataclass(frozen=True)
@@ -96,10 +104,23 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
     return out
 
 
+# What decoding hostile JSON can raise besides a validation error: malformed JSON, bytes
+# that are not UTF-8, nesting deeper than the decoder's recursion limit.
+DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+
+
+def _malformed(e: BaseException) -> str:
+    if isinstance(e, RecursionError):
+        return "malformed JSON: nested too deeply"
+    if isinstance(e, UnicodeDecodeError):
+        return f"malformed JSON: not UTF-8 (byte {e.start})"
+    return f"malformed JSON: {e}"
+
+
 def body_write_key(body: bytes) -> str | None:
     try:
         return _decode_key(body).writeKey
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (*DECODE_ERRORS, msgspec.ValidationError):
         return None
 
 
@@ -154,7 +175,7 @@ def _validate(msg: Message, kind: str) -> tuple[str, str] | None:
 _ID_NS = uuid.UUID("3d0c8f4e-8a8f-4b5e-b0a5-5f8d2c1e9b77")
 EARLIEST_MS = 946_684_800_000  # 2000-01-01
 FUTURE_SLACK_MS = 60_000
-_encode_check = msgspec.msgpack.Encoder().encode
+_encode_event = msgspec.msgpack.Encoder().encode
 
 
 def derived_message_id(project_id: str, raw: bytes, index: int) -> str:
@@ -201,8 +222,8 @@ def _one(raw: bytes, index: int, kind: str | None, project_id: str, peer: Peer,
         where, why = _error_field(e)
         out.rejected.append(Rejected(index, None, where, why))
         return
-    except msgspec.DecodeError as e:
-        out.rejected.append(Rejected(index, None, "$", f"malformed JSON: {e}"))
+    except DECODE_ERRORS as e:
+        out.rejected.append(Rejected(index, None, "$", _malformed(e)))
         return
     message_kind = kind or msg.type
     if message_kind not in TYPES:
@@ -219,14 +240,14 @@ def _one(raw: bytes, index: int, kind: str | None, project_id: str, peer: Peer,
         out.rejected.append(Rejected(index, event.message_id, "timestamp",
                                      "before 2000-01-01 (after clock-skew correction)"))
         return
-    try:
-        _encode_check(event.properties)
-        _encode_check(event.traits)
-    except (OverflowError, TypeError, ValueError) as e:
-        out.rejected.append(Rejected(index, event.message_id, "properties",
+    try:  # encoded once, here: what cannot be stored is refused, not failed on later
+        encoded = _encode_event(event)
+    except (OverflowError, TypeError, ValueError) as e:  # ints beyond 64 bits, lone surrogates
+        out.rejected.append(Rejected(index, event.message_id, "$",
                                      f"a value cannot be stored: {e}"))
         return
     out.events.append(event)
+    out.encoded.append(encoded)
 
 
 def parse(kind: str, body: bytes, project_id: str, peer: Peer, max_event_bytes: int) -> Parsed:
@@ -249,8 +270,8 @@ def parse(kind: str, body: bytes, project_id: str, peer: Peer, max_event_bytes: 
     except msgspec.ValidationError as e:
         where, why = _error_field(e)
         raise RequestError(400, "invalid_batch", f"{where}: {why}", field=where) from None
-    except msgspec.DecodeError as e:
-        raise RequestError(400, "malformed_json", f"malformed JSON: {e}") from None
+    except DECODE_ERRORS as e:
+        raise RequestError(400, "malformed_json", _malformed(e)) from None
     if not envelope.batch:
         raise RequestError(400, "invalid_batch", "batch: must hold at least one message",
                            field="batch")

@@ -304,7 +304,9 @@ async def _serve(config: Config, redis: RedisIO, clickhouse: ClickHouse, geoip: 
         hconfig.accesslog = None
         hconfig.errorlog = logging.getLogger("evactors.http")
         hconfig.graceful_timeout = max(1.0, config.supervisor.drain_seconds / 3)
-        hconfig.keep_alive_timeout = 30
+        # One rule for slow and idle clients: nothing received for this long closes it.
+        hconfig.keep_alive_timeout = config.server.read_timeout_seconds
+        hconfig.read_timeout = config.server.read_timeout_seconds  # type: ignore[assignment]
         hconfig.h11_max_incomplete_size = 64 * 1024
         listening = False
 
