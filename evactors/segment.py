@@ -178,6 +178,16 @@ FUTURE_SLACK_MS = 60_000
 _encode_event = msgspec.msgpack.Encoder().encode
 
 
+def _unstorable_field(event: Incoming) -> str:
+    """Which field holds the value that cannot be stored (only asked after a failure)."""
+    for name in ("properties", "traits"):
+        try:
+            _encode_event(getattr(event, name))
+        except (OverflowError, TypeError, ValueError):
+            return name
+    return "$"
+
+
 def derived_message_id(project_id: str, raw: bytes, index: int) -> str:
     digest = hashlib.sha256(raw).hexdigest()
     return str(uuid.uuid5(_ID_NS, f"{project_id}\x00{index}\x00{digest}"))
@@ -242,8 +252,8 @@ def _one(raw: bytes, index: int, kind: str | None, project_id: str, peer: Peer,
         return
     try:  # encoded once, here: what cannot be stored is refused, not failed on later
         encoded = _encode_event(event)
-    except (OverflowError, TypeError, ValueError) as e:  # ints beyond 64 bits, lone surrogates
-        out.rejected.append(Rejected(index, event.message_id, "$",
+    except (OverflowError, TypeError, ValueError) as e:  # e.g. integers beyond 64 bits
+        out.rejected.append(Rejected(index, event.message_id, _unstorable_field(event),
                                      f"a value cannot be stored: {e}"))
         return
     out.events.append(event)
