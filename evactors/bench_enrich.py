@@ -122,7 +122,7 @@ def bench_pool(events: list[Incoming], batch: int) -> dict[str, Any]:
         started = time.perf_counter()
         for start in range(0, len(events), batch):
             chunk = events[start:start + batch]
-            enricher.split(IngestBatch([Receipt("0-1", len(chunk))], chunk), 4)
+            enricher.split(IngestBatch([Receipt("0-1", len(chunk))], chunk), 4)  # (parts, poison)
         seconds = time.perf_counter() - started
         results[f"pool_{label}_events_per_s"] = round(len(events) / seconds)
         results[f"pool_{label}_us_per_event"] = round(seconds / len(events) * 1e6, 2)

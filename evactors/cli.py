@@ -177,6 +177,51 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _redis_client(config: cfg.Config) -> Any:
+    """The service's Redis: its URL, or the embedded server's socket while it runs."""
+    import redis
+
+    if config.redis.url:
+        return redis.Redis.from_url(config.redis.url, socket_timeout=10)
+    socket_path = config.data_path / "redis" / "valkey.sock"
+    client = redis.Redis(unix_socket_path=str(socket_path), socket_timeout=10)
+    try:
+        client.ping()
+    except (redis.ConnectionError, OSError):
+        raise RuntimeError(f"the embedded Redis of {config.data_path} is not running; "
+                           "start the service (bin/evactors run) first") from None
+    return client
+
+
+def cmd_dead_letter(args: argparse.Namespace) -> int:
+    from .deadletter import list_entries, replay
+    from .redis_io import Keys
+
+    config = load_config(args)
+    keys = Keys(config.redis.key_prefix)
+    try:
+        client = _redis_client(config)
+    except RuntimeError as e:
+        print(f"evactors: {e}", file=sys.stderr)
+        return EXIT_FATAL
+    if args.action == "list":
+        entries = list_entries(client, keys, args.limit)
+        if args.format == "json":
+            for entry in entries:
+                print(json.dumps(entry))
+        else:
+            _print_table(["id", "source", "project", "message_id", "error"],
+                         [[e["id"], e.get("source", ""), e.get("project", ""),
+                           e.get("message_id", e.get("id", "")), e.get("error", "")] for e in entries],
+                         "table")
+            print(f"{len(entries)} dead letter(s)", file=sys.stderr)
+        return EXIT_OK
+    moved = replay(client, keys, None if args.all else args.ids)
+    print(f"{moved} dead letter(s) put back into the ingest stream; a running service picks "
+          "them up within two minutes (or at its next start)")
+    return EXIT_OK
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args)
     print(msgspec.json.format(msgspec.json.encode(config)).decode())
@@ -239,6 +284,19 @@ def parser() -> argparse.ArgumentParser:
     common(st)
     st.add_argument("--json", action="store_true", help="print the raw status document")
     st.set_defaults(func=cmd_status)
+
+    dl = sub.add_parser("dead-letter", help="list, or replay, what could not be processed")
+    common(dl)
+    dl_sub = dl.add_subparsers(dest="action", required=True)
+    dl_list = dl_sub.add_parser("list", help="show dead letters with their errors")
+    dl_list.add_argument("--limit", type=int, default=100)
+    dl_list.add_argument("--format", choices=["table", "json"], default="table")
+    dl_replay = dl_sub.add_parser("replay", help="put dead letters back into the ingest stream")
+    dl_replay.add_argument("ids", nargs="*", help="dead-letter ids (see list)")
+    dl_replay.add_argument("--all", action="store_true")
+    for sp in (dl_list, dl_replay):
+        common(sp)
+    dl.set_defaults(func=cmd_dead_letter)
 
     c = sub.add_parser("check-config", help="validate the configuration and print it in full")
     common(c)

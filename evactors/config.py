@@ -19,7 +19,8 @@ import msgspec
 ENV_PREFIX = "EVACTORS_"
 # Variables of the deployment, not settings: the config file's path, and the install and
 # runtime directories that conf/supervisord.conf uses.
-RESERVED_ENV = frozenset({"EVACTORS_CONFIG", "EVACTORS_HOME", "EVACTORS_RUN_DIR"})
+RESERVED_ENV = frozenset({"EVACTORS_CONFIG", "EVACTORS_HOME", "EVACTORS_RUN_DIR",
+                          "EVACTORS_TEST_POISON_EVENT"})  # the last: a test's fault hook
 
 
 class ConfigError(Exception):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import zlib
 from functools import lru_cache
 from typing import NamedTuple
@@ -18,6 +19,7 @@ import trio
 from . import metrics
 from .bots import BotDetector
 from .config import PipelineConfig
+from .deadletter import DeadLetters
 from .geoip import GeoIP
 from .messages import Enriched, IngestBatch, Receipt, ShardBatch
 from .model import BotRow, EventRow, Incoming, event_id, flatten
@@ -88,6 +90,8 @@ class Enricher:
         self.page = lru_cache(maxsize=config.ua_cache_size)(_page_info)
         self.host = lru_cache(maxsize=config.ua_cache_size)(_host)
         self.bots_seen: dict[str, int] = {}  # reason → count, published once per batch
+        # A fault-injection hook for the poison test: no real input makes enrichment raise.
+        self.poison_hook = os.environ.get("EVACTORS_TEST_POISON_EVENT") or None
 
     def _agent(self, user_agent: str) -> tuple[UAInfo, str]:
         info = self.ua.parse(user_agent)
@@ -160,15 +164,24 @@ class Enricher:
             ip, event.user_agent if pii == "keep" else "",
         )
 
-    def split(self, batch: IngestBatch, shards: int) -> dict[int, ShardBatch]:
-        """Enrich a batch and cut it into per-shard parts; set each receipt's part count."""
+    def split(self, batch: IngestBatch, shards: int) -> tuple[dict[int, ShardBatch],
+                                                              list[tuple[Incoming, str]]]:
+        """Enrich a batch and cut it into per-shard parts; set each receipt's part count.
+        Events whose enrichment raises come back apart (poison), with the error."""
         parts = [ShardBatch() for _ in range(shards)]
         enrich, crc32, events = self.enrich, zlib.crc32, batch.events
+        poison: list[tuple[Incoming, str]] = []
         offset = 0
         for receipt in batch.receipts:
             touched: set[int] = set()
             for event in events[offset:offset + receipt.events]:
-                row = enrich(event)
+                try:
+                    if event.name == self.poison_hook:
+                        raise RuntimeError("injected poison (EVACTORS_TEST_POISON_EVENT)")
+                    row = enrich(event)
+                except Exception as e:  # one bad event must not stop the others
+                    poison.append((event, f"{type(e).__name__}: {e}"))
+                    continue
                 shard = crc32(f"{event.project_id}\x00{row.device_id}".encode()) % shards
                 parts[shard].events.append(Enriched(row, event, shard))
                 touched.add(shard)
@@ -181,16 +194,20 @@ class Enricher:
         self.bots_seen.clear()
         kept = {shard: part for shard, part in enumerate(parts) if part.receipts}
         metrics.STAGE_EVENTS.labels("enrich").inc(sum(len(p.events) for p in kept.values()))
-        return kept
+        return kept, poison
 
 
 async def enricher(enricher: Enricher, shards: int,
                    inbox: trio.MemoryReceiveChannel[IngestBatch],
                    shard_outboxes: list[trio.MemorySendChannel[ShardBatch]],
-                   done: trio.MemorySendChannel[list[Receipt]]) -> None:
-    """One task of the pool. Receipts with no part (no events) go straight to the acker."""
+                   done: trio.MemorySendChannel[list[Receipt]],
+                   dead_letters: DeadLetters) -> None:
+    """One task of the pool. Poison events are dead-lettered before their receipts can
+    complete; receipts with no part left go straight to the acker."""
     async for batch in inbox:
-        parts = enricher.split(batch, shards)
+        parts, poison = enricher.split(batch, shards)
+        if poison:
+            await dead_letters.bury_events(poison)
         finished = [r for r in batch.receipts if r.remaining == 0]
         for shard, part in parts.items():
             await shard_outboxes[shard].send(part)

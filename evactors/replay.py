@@ -13,12 +13,12 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import Any
 
 import msgspec
 import trio
 
 from . import metrics
+from .deadletter import DeadLetters
 from .messages import IngestBatch, Receipt
 from .model import Incoming
 from .redis_io import Keys, RedisIO, retrying
@@ -27,16 +27,6 @@ log = logging.getLogger("evactors.replay")
 
 _decode = msgspec.msgpack.Decoder(list[Incoming]).decode
 PAGE = 64
-
-# KEYS: ingest stream, its counter, dead-letter stream. ARGV: id, events, error, data
-DEAD_LETTER = """
-redis.call('XADD', KEYS[3], '*', 'source', 'ingest', 'id', ARGV[1], 'error', ARGV[3], 'data', ARGV[4])
-if redis.call('XDEL', KEYS[1], ARGV[1]) == 1 then
-  redis.call('DECRBY', KEYS[2], tonumber(ARGV[2]))
-end
-return 1
-"""
-
 
 class InFlight:
     """Ingest entries handed to the pipeline and not yet acknowledged, with when they
@@ -66,22 +56,14 @@ def entry_ms(entry_id: bytes | str) -> int:
 
 class Replayer:
     def __init__(self, redis: RedisIO, keys: Keys, in_flight: InFlight,
-                 outbox: trio.MemorySendChannel[IngestBatch], stale_after: float) -> None:
+                 outbox: trio.MemorySendChannel[IngestBatch], stale_after: float,
+                 dead_letters: DeadLetters) -> None:
         self.redis = redis
         self.keys = keys
         self.in_flight = in_flight
         self.outbox = outbox
         self.stale_after = stale_after
-        self.dead_letter = redis.client.register_script(DEAD_LETTER)
-
-    async def _bury(self, entry_id: str, fields: dict[bytes, bytes], error: Exception) -> None:
-        log.error("ingest entry %s cannot be decoded; moved to the dead-letter stream: %s",
-                  entry_id, error)
-        metrics.DEAD_LETTERS.inc()
-        args: list[Any] = [entry_id, int(fields.get(b"n", b"0")), str(error)[:500], fields.get(b"e", b"")]
-        await retrying("dead-letter", self.redis.run, functools.partial(
-            self.dead_letter, keys=[self.keys.ingest, self.keys.ingest_count, self.keys.dead_letter],
-            args=args))
+        self.dead_letters = dead_letters
 
     async def feed(self, last: str, shutdown: trio.Event, only_lost: bool) -> int:
         """Feed entries up to id ``last`` (all, or only those lost in flight)."""
@@ -97,7 +79,7 @@ class Replayer:
                 try:
                     events = _decode(fields[b"e"])
                 except (msgspec.DecodeError, msgspec.ValidationError, KeyError) as e:
-                    await self._bury(entry_id, fields, e)
+                    await self.dead_letters.bury_ingest_entry(entry_id, fields, e)
                     continue
                 batch.receipts.append(Receipt(entry_id, len(events)))
                 batch.events.extend(events)

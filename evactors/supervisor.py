@@ -44,6 +44,7 @@ from .bots import BotDetector
 from .cleanup import Backlog, cleanup
 from .clickhouse import ClickHouse, embedded_dsn
 from .config import Config, ConfigError
+from .deadletter import DeadLetters
 from .enrich import Enricher, enricher
 from .flusher import Flusher, flusher
 from .geoip import GeoIP
@@ -278,6 +279,7 @@ async def _serve(config: Config, redis: RedisIO, clickhouse: ClickHouse, geoip: 
         }
 
     hub = LiveHub(redis.url, keys)
+    dead_letters = DeadLetters(redis, keys)
     ingest = Ingest(config, write_keys, DurableLog(redis, keys, wait_aof), to_enrich_tx.clone(),
                     backlog, clickhouse, admin, redis, in_flight, status, hub)
     publish = Publisher(redis, keys)
@@ -373,14 +375,14 @@ async def _serve(config: Config, redis: RedisIO, clickhouse: ClickHouse, geoip: 
                     d = done_tx.clone()
                     actors.start_soon(functools.partial(
                         sup.supervise, f"enricher-{j}", enricher, enrich, pipe.session_shards,
-                        to_enrich_rx.clone(), outs, d, closes=(*outs, d)))
+                        to_enrich_rx.clone(), outs, d, dead_letters, closes=(*outs, d)))
                 for tx in shard_txs:
                     tx.close()
                 done_tx.close()
                 notice_tx.close()
                 to_enrich_rx.close()
                 replay_tx = to_enrich_tx.clone()
-                replay = Replayer(redis, keys, in_flight, replay_tx, stale_after=120.0)
+                replay = Replayer(redis, keys, in_flight, replay_tx, 120.0, dead_letters)
                 actors.start_soon(functools.partial(sup.supervise, "replayer", replayer, replay,
                                                     shutdown, replayed, closes=(replay_tx,)))
                 to_enrich_tx.close()

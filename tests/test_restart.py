@@ -128,3 +128,34 @@ def test_a_port_in_use_is_a_clear_startup_error(make_service) -> None:  # type: 
             assert "service exited 1" in str(e) and f"cannot listen on 127.0.0.1:{port}" in str(e)
         else:
             raise AssertionError("started on a port in use")
+
+
+def test_a_poison_event_is_dead_lettered_and_can_be_replayed(make_service) -> None:  # type: ignore[no-untyped-def]
+    """Enrichment raising on one event (a fault hook: no real input does) must not hold back
+    its batch: the others are stored, it waits in the dead-letter stream, and after the
+    "fix" (a restart without the hook) a replay stores it exactly once."""
+    import json
+
+    from conftest import run_cli
+
+    service = make_service(env={"EVACTORS_TEST_POISON_EVENT": "Poison"}).start()
+    batch = [message("track", event="Fine", anonymousId="p"), message("track", event="Poison", anonymousId="p"),
+             message("track", event="Fine too", anonymousId="p")]
+    assert service.batch(batch).status_code == 200
+    service.wait_rows("SELECT 1 FROM evactors.events WHERE name LIKE 'Fine%'", 2)
+    listed = run_cli("dead-letter", "list", "--format", "json", "--data-dir", str(service.data_dir))
+    entries = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert len(entries) == 1 and entries[0]["source"] == "enrich"
+    assert entries[0]["message_id"] == batch[1]["messageId"] and "injected poison" in entries[0]["error"]
+    assert "crashed" not in service.log()  # isolated, not a crash of the enricher
+    assert service.stop() == 0
+    service.env = {}  # the fix
+    service.start()
+    replayed = run_cli("dead-letter", "replay", "--all", "--data-dir", str(service.data_dir))
+    assert replayed.returncode == 0 and replayed.stdout.startswith("1 dead letter(s)")
+    assert service.stop() == 0
+    service.start()  # the start-up replay picks it up
+    rows = service.wait_rows("SELECT message_id FROM evactors.events WHERE name = 'Poison'", 1)
+    assert [r["message_id"] for r in rows] == [batch[1]["messageId"]]
+    after = run_cli("dead-letter", "list", "--format", "json", "--data-dir", str(service.data_dir))
+    assert after.stdout.strip() == ""
