@@ -119,6 +119,11 @@ def _header(scope: Scope, name: bytes) -> str:
     return ""
 
 
+def _has_body(scope: Scope) -> bool:
+    length = _header(scope, b"content-length")
+    return (length.isdigit() and int(length) > 0) or bool(_header(scope, b"transfer-encoding"))
+
+
 def _basic_user(header: str) -> str | None:
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "basic":
@@ -191,13 +196,16 @@ class Ingest:
             headers = [(b"content-type", b"application/json")] + (list(_CORS) if kind else [])
             if e.status == 503:
                 headers.append((b"retry-after", str(self.config.server.retry_after_seconds).encode()))
-            if e.status in (413, 503):  # the body may be unread: the connection is spent
-                headers.append((b"connection", b"close"))
+
         metrics.REQUESTS.labels(kind or "other", str(status)).inc()
         if kind is not None:
             metrics.HTTP_LATENCY.observe(time.perf_counter() - started)
         headers.append((b"content-length", str(len(body)).encode()))
         headers.append((b"x-request-id", rid.encode()))
+        if not scope.get("evactors.body_read") and _has_body(scope):
+            # answered before reading the request's body (refused early): the connection
+            # cannot carry another request, so say so instead of letting the client find out
+            headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
@@ -218,6 +226,7 @@ class Ingest:
                                    f"body exceeds the limit of {limit} bytes (500 KB) per request")
             chunks.append(chunk)
             if not message.get("more_body"):
+                scope["evactors.body_read"] = True
                 return b"".join(chunks)
 
     def _peer(self, scope: Scope) -> str:
