@@ -1,0 +1,131 @@
+"""The flusher against real Valkey and real chDB (in this process: one engine path for the
+session, a database per test): two flushers on one shard, and a flusher that dies between
+its insert and its delete, never double a row."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from evactors.bots import BotDetector
+from evactors.clickhouse import ClickHouse
+from evactors.config import PipelineConfig
+from evactors.enrich import Enricher
+from evactors.flusher import Flusher
+from evactors.geoip import GeoIP
+from evactors.messages import Enriched
+from evactors.model import Context, Incoming
+from evactors.redis_io import Keys, RedisIO
+from evactors.sessions import SessionShard
+
+
+@pytest.fixture(scope="session")
+def chdb_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("chdb")
+
+
+@pytest.fixture
+def clickhouse(chdb_path: Path) -> Iterator[ClickHouse]:
+    ch = ClickHouse(f"chdb://{chdb_path}", f"t_{uuid.uuid4().hex[:10]}", 60)
+    ch.open()
+    yield ch
+    ch.client.command(f"DROP DATABASE IF EXISTS {ch.database}")
+
+
+async def fill_buffer(redis: RedisIO, keys: Keys, batches: int, per_batch: int, tag: str = "m") -> int:
+    from evactors.useragent import UserAgentParser
+
+    enricher = Enricher(PipelineConfig(), GeoIP(None, 100), UserAgentParser(100), BotDetector(100))
+    shard = SessionShard(0, redis, keys, 1800, 3600)
+    for b in range(batches):
+        items = []
+        for i in range(per_batch):
+            event = Incoming("p", "track", f"{tag}-{b}-{i}", f"d{i % 7}", "", "E", {}, {}, Context(),
+                             1_760_000_000_000 + b * 1000 + i, 1_760_000_000_000, "", "", "", "")
+            items.append(Enriched(enricher.enrich(event), event, 0))
+        await shard.process(items)
+    return batches * per_batch
+
+
+def count(ch: ClickHouse) -> tuple[int, int]:
+    rows = ch.client.query(f"SELECT count(), uniqExact(id) FROM {ch.database}.events").result_rows
+    return int(rows[0][0]), int(rows[0][1])
+
+
+async def test_two_flushers_on_one_shard_never_double(valkey: Any, clickhouse: ClickHouse) -> None:
+    redis = RedisIO(f"unix://{valkey.unix_socket_path}", 5)
+    keys = Keys("ff")
+    total = await fill_buffer(redis, keys, batches=30, per_batch=50)
+    first = Flusher(redis, keys, clickhouse, shards=1, chunk_rows=120)
+    second = Flusher(redis, keys, clickhouse, shards=1, chunk_rows=120)
+    async with trio.open_nursery() as nursery:
+        for flusher in (first, second, first, second):
+            nursery.start_soon(flusher.flush_all, None)
+    assert count(clickhouse) == (total, total)
+    assert redis.client.xlen(keys.buffer(0)) == 0 and int(redis.client.get(keys.buffer_count(0))) == 0
+
+
+async def test_a_flusher_dying_after_its_insert_is_finished_by_another(valkey: Any,
+                                                                      clickhouse: ClickHouse) -> None:
+    redis = RedisIO(f"unix://{valkey.unix_socket_path}", 5)
+    keys = Keys("fd")
+    total = await fill_buffer(redis, keys, batches=10, per_batch=40)
+    dying = Flusher(redis, keys, clickhouse, shards=1, chunk_rows=100)
+    plan, entries = await dying._entries(0)  # it records its plan …
+    assert plan is not None
+    from evactors.sessions import decode_block
+
+    rows = [r for _id, fields in entries for r in decode_block(fields[b"d"]).events]
+    await dying._insert("events", rows, f"{keys.prefix}:0:{plan.first}:{plan.last}:events")
+    inserted = count(clickhouse)[0]  # … inserts, and dies before deleting the range
+    assert 0 < inserted < total
+    # more arrives meanwhile; the next flusher must carry out the recorded plan, not a new one
+    total += await fill_buffer(redis, keys, batches=2, per_batch=40, tag="late")
+    successor = Flusher(redis, keys, clickhouse, shards=1, chunk_rows=100)
+    await successor.flush_all(None)
+    assert count(clickhouse) == (total, total)
+
+
+async def test_two_flushers_forming_plans_at_once_agree_on_one(valkey: Any, clickhouse: ClickHouse) -> None:
+    """B looks for a plan (none), A records one over the single entry there is, more rows
+    arrive, then B reads the (longer) head and records its plan: without NX, B's plan would
+    replace A's and the first entry would be inserted under two tokens."""
+    keys = Keys("fr")
+    url = f"unix://{valkey.unix_socket_path}"
+    b_looked, a_done = trio.Event(), trio.Event()
+
+    class PausingRedis(RedisIO):
+        paused = False
+
+        async def run(self, fn: Any, *args: Any) -> Any:
+            result = await super().run(fn, *args)
+            if not self.paused and getattr(fn, "__name__", "") == "get":
+                self.paused = True  # B has seen "no plan": let A go first
+                b_looked.set()
+                await a_done.wait()
+            return result
+
+    redis_a, redis_b = RedisIO(url, 5), PausingRedis(url, 5)
+    total = await fill_buffer(redis_a, keys, batches=1, per_batch=30, tag="first")
+    a = Flusher(redis_a, keys, clickhouse, shards=1, chunk_rows=100)
+    b = Flusher(redis_b, keys, clickhouse, shards=1, chunk_rows=100)
+
+    async def run_a() -> None:
+        await b_looked.wait()
+        plan, entries = await a._entries(0)  # A's plan: the one entry
+        assert plan is not None and len(entries) == 1
+        nonlocal total
+        total += await fill_buffer(redis_a, keys, batches=3, per_batch=30, tag="more")
+        a_done.set()
+        await a.flush_all(None)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_a)
+        nursery.start_soon(b.flush_all, None)
+    await a.flush_all(None)
+    assert count(clickhouse) == (total, total)
