@@ -114,3 +114,28 @@ def test_clickhouse_refuses_part_of_a_multi_chunk_flush(make_service) -> None:  
     result = record_fault_result("ClickHouse fails mid multi-table flush", 1,
                                  acked_humans | acked_bots, events + bots)
     _assert_exactly_once(result)
+
+
+def test_clickhouse_away_for_minutes_buffers_refuses_and_catches_up(make_service) -> None:  # type: ignore[no-untyped-def]
+    service: Service = make_service(env={"EVACTORS_SERVER_HIGH_WATER_EVENTS": "6000"}).start()
+    assert service.proc is not None
+    rss = lambda: int(next(line.split()[1] for line in open(f"/proc/{service.proc.pid}/status")  # noqa: E731
+                           if line.startswith("VmRSS:"))) / 1024
+    service.wait_rows("SELECT 1 FROM evactors.schema_migrations", 1)
+    rss_before = rss()
+    service.query("DETACH TABLE evactors.events")
+    with Sender(service, threads=2, batch=20) as sender:
+        time.sleep(90)  # ClickHouse refuses every insert for a minute and a half
+        status = service.http.get(f"{service.url}/health/ready")
+        rss_during = rss()
+    assert status.status_code == 503 and sender.refused > 0  # backpressure, not loss
+    log = service.log()
+    assert "insert of" in log and "retrying in 30.0s" in log  # backed off to the cap
+    service.query("ATTACH TABLE evactors.events")
+    stored = _stored_ids(service, "SELECT message_id FROM evactors.events WHERE name = 'Load'",
+                         sender.acked, timeout=120)
+    result = record_fault_result("ClickHouse refusing inserts for 90 s", 1, sender.acked, stored)
+    _assert_exactly_once(result)
+    assert len(sender.acked) >= 6000
+    assert rss_during < rss_before + 200, (rss_before, rss_during)  # the backlog is in Redis
+    assert "succeeded after" in service.log()
