@@ -14,7 +14,7 @@ from .messages import Receipt
 from .redis_io import Keys, RedisIO, retrying
 from .replay import InFlight
 
-# KEYS: stream, counter[, key to delete]. ARGV: id1, n1, id2, n2, …
+# KEYS: stream, counter. ARGV: id1, n1, id2, n2, …
 REMOVE_ENTRIES = """
 local removed = 0
 for i = 1, #ARGV, 2 do
@@ -23,7 +23,6 @@ for i = 1, #ARGV, 2 do
   end
 end
 if removed > 0 then redis.call('DECRBY', KEYS[2], removed) end
-if KEYS[3] then redis.call('DEL', KEYS[3]) end
 return removed
 """
 

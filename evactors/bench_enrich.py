@@ -128,7 +128,7 @@ def bench_pool(events: list[Incoming], batch: int) -> dict[str, Any]:
         results[f"pool_{label}_us_per_event"] = round(seconds / len(events) * 1e6, 2)
         if label == "cold":
             results["ua_cache_hit_ratio"] = round(_hit_ratio(enricher.agent), 4)
-            results["geo_cache_hit_ratio"] = round(_hit_ratio(enricher.geoip.lookup), 4)
+            results["geo_cache_hit_ratio"] = round(_hit_ratio(enricher.geoip._cached), 4)
             results["page_cache_hit_ratio"] = round(_hit_ratio(enricher.page), 4)
         results["_enricher"] = enricher
     enricher = results.pop("_enricher")

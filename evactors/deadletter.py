@@ -24,9 +24,10 @@ log = logging.getLogger("evactors.deadletter")
 
 _encode = msgspec.msgpack.Encoder().encode
 
-# KEYS: ingest stream, its counter, dead-letter stream. ARGV: id, events, error, data
-BURY_INGEST_ENTRY = """
-redis.call('XADD', KEYS[3], '*', 'source', 'ingest', 'id', ARGV[1], 'n', ARGV[2], 'error', ARGV[3],
+# KEYS: a stream, its counter, the dead-letter stream. ARGV: id, count, error, data, source.
+# The entry moves to the dead letters, atomically with its removal and the count.
+BURY_ENTRY = """
+redis.call('XADD', KEYS[3], '*', 'source', ARGV[5], 'id', ARGV[1], 'n', ARGV[2], 'error', ARGV[3],
            'data', ARGV[4])
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 1 then
   redis.call('DECRBY', KEYS[2], tonumber(ARGV[2]))
@@ -59,17 +60,22 @@ class DeadLetters:
     def __init__(self, redis: RedisIO, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
-        self.bury_entry_script = redis.client.register_script(BURY_INGEST_ENTRY)
+        self.bury_entry_script = redis.client.register_script(BURY_ENTRY)
         self.replay_script = redis.client.register_script(REPLAY)
 
-    async def bury_ingest_entry(self, entry_id: str, fields: dict[bytes, bytes], error: Exception) -> None:
-        log.error("ingest entry %s cannot be decoded; moved to the dead-letter stream: %s",
-                  entry_id, error)
+    async def bury_entry(self, source: str, stream: str, counter: str, entry_id: str,
+                         fields: dict[bytes, bytes], error: Exception, data_field: bytes) -> None:
+        log.error("%s entry %s cannot be decoded; moved to the dead-letter stream: %s",
+                  source, entry_id, error)
         metrics.DEAD_LETTERS.inc()
-        args: list[Any] = [entry_id, int(fields.get(b"n", b"0")), str(error)[:500], fields.get(b"e", b"")]
+        args: list[Any] = [entry_id, int(fields.get(b"n", b"0")), str(error)[:500],
+                           fields.get(data_field, b""), source]
         await retrying("dead-letter", self.redis.run, functools.partial(
-            self.bury_entry_script, keys=[self.keys.ingest, self.keys.ingest_count, self.keys.dead_letter],
-            args=args))
+            self.bury_entry_script, keys=[stream, counter, self.keys.dead_letter], args=args))
+
+    async def bury_ingest_entry(self, entry_id: str, fields: dict[bytes, bytes], error: Exception) -> None:
+        await self.bury_entry("ingest", self.keys.ingest, self.keys.ingest_count, entry_id, fields,
+                              error, b"e")
 
     async def bury_events(self, poison: list[tuple[Incoming, str]]) -> None:
         """Events whose processing raised: kept with the error, one entry each."""
@@ -97,9 +103,11 @@ def list_entries(client: Any, keys: Keys, limit: int) -> list[dict[str, Any]]:
 
 
 def replay(client: Any, keys: Keys, ids: list[str] | None) -> int:
-    """Move dead letters (all, or the given ids) back into the ingest stream."""
+    """Move dead letters (all, or the given ids) back into the ingest stream. Buffer
+    entries (rows, not events) are left for inspection."""
     if ids is None:
-        ids = [entry_id.decode() for entry_id, _f in client.xrange(keys.dead_letter, "-", "+")]
+        ids = [entry_id.decode() for entry_id, fields in client.xrange(keys.dead_letter, "-", "+")
+               if fields.get(b"source") != b"buffer"]
     if not ids:
         return 0
     script = client.register_script(REPLAY)

@@ -42,6 +42,9 @@ def truncate_ip(ip: str) -> str:
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False).network_address)
 
 
+MAX_CACHED_KEY = 1024  # characters: longer user agents and URLs are parsed, not cached
+
+
 class PageInfo(NamedTuple):
     path: str
     origin: str
@@ -108,7 +111,8 @@ class Enricher:
 
     def enrich(self, event: Incoming) -> EventRow | BotRow:
         """The enriched row; for a bot (unless bots are kept in events) its events_bots row."""
-        info, bot = self.agent(event.user_agent)
+        ua = event.user_agent  # an outsized key would not be worth keeping in a cache
+        info, bot = self.agent(ua) if len(ua) <= MAX_CACHED_KEY else self._agent(ua)
         if bot:
             self.bots_seen[bot] = self.bots_seen.get(bot, 0) + 1
             if not self.config.keep_bots:
@@ -122,7 +126,7 @@ class Enricher:
         referrer = (page.referrer if page else None) or props.get("referrer") or ""
         if type(url) is not str:
             url = str(url)
-        info_url = self.page(url) if url else None
+        info_url = (self.page(url) if len(url) <= MAX_CACHED_KEY else _page_info(url)) if url else None
         origin = info_url.origin if info_url else ""
         if info_url and not path:
             path = info_url.path
@@ -155,7 +159,8 @@ class Enricher:
         return EventRow(
             event_id(event.project_id, event.message_id), event.project_id, name,
             event.anonymous_id or event.user_id, event.user_id, "", event.timestamp_ms,
-            event.received_ms, path, origin, referrer, self.host(referrer) if referrer else "",
+            event.received_ms, path, origin, referrer,
+            (self.host(referrer) if len(referrer) <= MAX_CACHED_KEY else _host(referrer)) if referrer else "",
             # Geo and UAInfo fields are in the row's column order: splat, don't look up.
             0, properties, *geo[:8], geo.timezone or context.timezone or "", *info[:7], *utm,
             0, 0, 0,

@@ -1,10 +1,12 @@
 """Flusher: moves rows from the Redis buffer into ClickHouse, exactly once.
 
-Per shard: read the oldest entries of the buffer stream, record the planned range in
-Redis, insert each table's rows with an ``insert_deduplication_token`` derived from that
-range, and only then delete the entries. A crash anywhere re-reads the *same* recorded
-range and re-inserts it under the *same* token, which ClickHouse discards at insert time:
-rows are never lost (deleted only after the insert) and never doubled (same token).
+Per shard: record the planned range of the oldest buffer entries in Redis (one script
+reads and records, so there is only ever one plan), insert each table's rows with an
+``insert_deduplication_token`` derived from that range, and only then delete the entries
+and the plan. A crash anywhere, or a second flusher, carries out the *same* recorded range
+under the *same* token, which ClickHouse discards at insert time: rows are never lost
+(deleted only after the insert) and never doubled (same token). An entry that cannot be
+decoded goes to the dead-letter stream instead of stopping the shard.
 A ClickHouse failure keeps the rows in Redis and retries that shard with backoff, while
 the other shards go on.
 """
@@ -21,8 +23,8 @@ import msgspec
 import trio
 
 from . import metrics
-from .acker import REMOVE_ENTRIES
 from .clickhouse import ClickHouse
+from .deadletter import DeadLetters
 from .messages import Notice
 from .redis_io import Keys, RedisIO, retrying
 from .sessions import decode_block
@@ -43,9 +45,40 @@ class Backoff:
     until: float = 0.0
 
 
-class Plan(msgspec.Struct, array_like=True):
-    first: str
-    last: str
+# KEYS: plan key, buffer stream. ARGV: most entries to read, rows per chunk.
+# The recorded plan ("first last"), or a new one over the oldest entries, recorded here.
+PLAN = """
+local plan = redis.call('GET', KEYS[1])
+if plan then return plan end
+local entries = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', tonumber(ARGV[1]))
+if #entries == 0 then return false end
+local rows, last = 0, entries[1][1]
+for _, entry in ipairs(entries) do
+  local fields = entry[2]
+  for j = 1, #fields, 2 do
+    if fields[j] == 'n' then rows = rows + tonumber(fields[j + 1]) end
+  end
+  last = entry[1]
+  if rows >= tonumber(ARGV[2]) then break end
+end
+plan = entries[1][1] .. ' ' .. last
+redis.call('SET', KEYS[1], plan)
+return plan
+"""
+
+# KEYS: buffer stream, its counter, plan key. ARGV: the plan carried out, then id, rows, …
+# The plan is dropped only if it is still the one carried out.
+FINISH = """
+local removed = 0
+for i = 2, #ARGV, 2 do
+  if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then
+    removed = removed + tonumber(ARGV[i + 1])
+  end
+end
+if removed > 0 then redis.call('DECRBY', KEYS[2], removed) end
+if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
+return removed
+"""
 
 
 class Flusher:
@@ -56,37 +89,23 @@ class Flusher:
         self.clickhouse = clickhouse
         self.shards = shards
         self.chunk_rows = chunk_rows
-        self.remove = redis.client.register_script(REMOVE_ENTRIES)
+        self.plan_script = redis.client.register_script(PLAN)
+        self.finish_script = redis.client.register_script(FINISH)
+        self.dead_letters = DeadLetters(redis, keys)
         self.backoff = {shard: Backoff() for shard in range(shards)}
         self.waiting_for_clickhouse = False
 
-    async def _entries(self, shard: int) -> tuple[Plan | None, list[Any]]:
-        """The recorded plan's entries, or a new plan over the oldest entries."""
+    async def _entries(self, shard: int) -> tuple[str | None, list[Any]]:
+        """The recorded plan and its entries; a new plan over the oldest entries if none.
+        One script reads and records, so two flushers can never plan differently."""
         plan_key, stream = self.keys.flush_plan(shard), self.keys.buffer(shard)
-        entries: Any
-        raw: Any = await self.redis.run(self.redis.client.get, plan_key)
-        if raw is not None:
-            plan = msgspec.msgpack.decode(raw, type=Plan)
-            entries = await self.redis.run(self.redis.client.xrange, stream, plan.first, plan.last)
-            return plan, entries
-        entries = await self.redis.run(
-            functools.partial(self.redis.client.xrange, stream, "-", "+", count=READ_ENTRIES))
-        if not entries:
+        raw: Any = await self.redis.run(functools.partial(
+            self.plan_script, keys=[plan_key, stream], args=[READ_ENTRIES, self.chunk_rows]))
+        if raw is None:
             return None, []
-        rows, cut = 0, len(entries)
-        for index, (_id, fields) in enumerate(entries, 1):
-            rows += int(fields[b"n"])
-            if rows >= self.chunk_rows:
-                cut = index
-                break
-        entries = entries[:cut]
-        plan = Plan(entries[0][0].decode(), entries[-1][0].decode())
-        # NX: if another flusher (another instance, or one whose lock lapsed) recorded a plan
-        # first, that plan is the one to carry out — never two plans over the same entries.
-        created = await self.redis.run(functools.partial(
-            self.redis.client.set, plan_key, msgspec.msgpack.encode(plan), nx=True))
-        if not created:
-            return await self._entries(shard)
+        plan = raw.decode()
+        first, last = plan.split(" ")
+        entries: Any = await self.redis.run(self.redis.client.xrange, stream, first, last)
         return plan, entries
 
     async def flush_shard(self, shard: int, notices: trio.MemorySendChannel[Notice] | None) -> int:
@@ -94,27 +113,31 @@ class Flusher:
         plan, entries = await retrying(f"flush-{shard} read", self._entries, shard)
         if plan is None:
             return 0
-        if not entries:  # the plan's entries are gone: a previous run finished the delete
-            await retrying(f"flush-{shard} plan", self.redis.run, self.redis.client.delete,
-                           self.keys.flush_plan(shard))
-            return 0
-        blocks = [decode_block(fields[b"d"]) for _id, fields in entries]
+        blocks = []
+        for entry_id, fields in entries:
+            try:
+                blocks.append(decode_block(fields[b"d"]))
+            except (msgspec.DecodeError, msgspec.ValidationError, KeyError) as e:
+                await self.dead_letters.bury_entry("buffer", self.keys.buffer(shard),
+                                                   self.keys.buffer_count(shard),
+                                                   entry_id.decode(), fields, e, b"d")
+                entries = [x for x in entries if x[0] != entry_id]
         tables: dict[str, list[Any]] = {
             "events": [r for b in blocks for r in b.events],
             "sessions": [r for b in blocks for r in b.sessions],
             "profiles": [r for b in blocks for r in b.profiles],
             "events_bots": [r for b in blocks for r in b.bots],
         }
-        token = f"{self.keys.prefix}:{shard}:{plan.first}:{plan.last}"
+        token = f"{self.keys.prefix}:{shard}:{plan.replace(' ', ':')}"
         for table, rows in tables.items():
             if rows:
                 await self._insert(table, rows, f"{token}:{table}")
-        args: list[str | int] = []
+        args: list[str | int] = [plan]
         for entry_id, fields in entries:
             args += [entry_id.decode(), int(fields[b"n"])]
         keys = [self.keys.buffer(shard), self.keys.buffer_count(shard), self.keys.flush_plan(shard)]
         await retrying(f"flush-{shard} delete", self.redis.run,
-                       functools.partial(self.remove, keys=keys, args=args))
+                       functools.partial(self.finish_script, keys=keys, args=args))
         if notices is not None and tables["events"]:
             try:
                 notices.send_nowait(Notice("event:saved", tables["events"]))

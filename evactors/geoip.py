@@ -81,15 +81,19 @@ class GeoIP:
         self.cache_size = cache_size
         self._stamp = self._file_stamp()
         self.reader = maxminddb.open_database(str(self.path), maxminddb.MODE_MMAP_EXT)
-        self.lookup = lru_cache(maxsize=cache_size)(self._lookup)
+        self._cached = lru_cache(maxsize=cache_size)(self._lookup)
         self.reloads = 0
+
+    def lookup(self, ip: str) -> Geo:
+        """Cached; strings too long to be an address are not (they would crowd the cache)."""
+        return self._cached(ip) if len(ip) <= 45 else NO_GEO
 
     def _file_stamp(self) -> tuple[int, int, int]:
         st = os.stat(self.path)
         return st.st_ino, st.st_size, st.st_mtime_ns
 
     def _lookup(self, ip: str) -> Geo:
-        if not ip or not routable(ip):
+        if not ip or len(ip) > 45 or not routable(ip):  # 45: the longest IPv6 text form
             return NO_GEO
         try:
             record = self.reader.get(ip.strip())
@@ -112,7 +116,7 @@ class GeoIP:
             log.warning("geoip database changed but does not load yet: %s", e)
             return False
         old, self.reader, self._stamp = self.reader, reader, stamp
-        self.lookup = lru_cache(maxsize=self.cache_size)(self._lookup)
+        self._cached = lru_cache(maxsize=self.cache_size)(self._lookup)
         old.close()
         self.reloads += 1
         metrics.GEOIP_RELOADS.inc()

@@ -32,10 +32,9 @@ from .bots import header_describes_sender
 from .cleanup import Backlog
 from .clickhouse import ClickHouse
 from .config import Config
-from .live import PAGE, LiveHub
+from .live import PAGE, Full, LiveHub
 from .messages import IngestBatch, Receipt
 from .model import Incoming
-from .publisher import LIVE_WINDOW_MS
 from .redis_io import TRANSIENT, Keys, RedisIO
 from .replay import InFlight
 from .segment import ENDPOINTS, Peer, RequestError, body_write_key, decompress, parse
@@ -85,7 +84,16 @@ class AdminToken:
 
     def check(self, header: str) -> bool:
         scheme, _, value = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip(), self.token)
+        return (bool(self.token) and scheme.lower() == "bearer"
+                and hmac.compare_digest(value.strip(), self.token))
+
+
+# KEYS: ingest stream, its counter. ARGV: events, blob. Atomic: the entry and the count.
+APPEND = """
+local id = redis.call('XADD', KEYS[1], '*', 'n', ARGV[1], 'e', ARGV[2])
+redis.call('INCRBY', KEYS[2], tonumber(ARGV[1]))
+return id
+"""
 
 
 class DurableLog:
@@ -95,21 +103,23 @@ class DurableLog:
         self.redis = redis
         self.keys = keys
         self.wait_aof = wait_aof
+        self.script = redis.client.register_script(APPEND)
 
     async def append(self, events: list[Incoming], blob: bytes) -> Receipt:
-        """Store ``events`` (``blob``: their msgpack array) as one stream entry."""
+        """Store ``events`` (``blob``: their msgpack array) as one stream entry. In strict
+        mode WAITAOF follows in the same pipeline: on the same connection, so it waits for
+        *this* write (WAITAOF waits for the writes of its own connection)."""
 
         def build(pipe: Any) -> None:
-            pipe.xadd(self.keys.ingest, {b"n": len(events), b"e": blob})
-            pipe.incrby(self.keys.ingest_count, len(events))
+            self.script(keys=[self.keys.ingest, self.keys.ingest_count], args=[len(events), blob],
+                        client=pipe)
+            if self.wait_aof:
+                pipe.execute_command("WAITAOF", 1, 0, 5000)
 
-        entry_id, _count = await self.redis.pipeline(build, transaction=True)
-        if self.wait_aof:
-            local, _replicas = await self.redis.run(
-                lambda: self.redis.client.execute_command("WAITAOF", 1, 0, 5000))
-            if int(local) < 1:
-                raise TimeoutError("redis did not fsync the events in time (WAITAOF)")
-        return Receipt(entry_id.decode(), len(events))
+        results = await self.redis.pipeline(build)
+        if self.wait_aof and int(results[1][0]) < 1:
+            raise TimeoutError("redis did not fsync the events in time (WAITAOF)")
+        return Receipt(results[0].decode(), len(events))
 
 
 def _header(scope: Scope, name: bytes) -> str:
@@ -192,7 +202,7 @@ class Ingest:
                 status, headers, body = await self.other(path, method, scope, receive)
         except RequestError as e:
             status, body = e.status, _encode(e.body)
-            log.info("refused %s %s: %d %s", method, path, e.status, e.body["error"])
+            log.info("refused %s %r: %d %s", method, path, e.status, e.body["error"])
             headers = [(b"content-type", b"application/json")] + (list(_CORS) if kind else [])
             if e.status == 503:
                 headers.append((b"retry-after", str(self.config.server.retry_after_seconds).encode()))
@@ -298,40 +308,44 @@ class Ingest:
                         "headers": [(b"content-type", b"application/json")]})
             await send({"type": "http.response.body", "body": body})
             return
-        viewer = self.live.join(project)
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
-            (b"x-accel-buffering", b"no")]})
-
-        async def event(name: str, data: Any) -> None:
-            chunk = f"event: {name}\ndata: ".encode() + _encode(data) + b"\n\n"
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-
-        async def stats() -> None:
-            while True:
-                visitors = await self.redis.run(
-                    self.redis.client.zcount, self.keys.live(project),
-                    int(time.time() * 1000) - LIVE_WINDOW_MS, "+inf")
-                await event("stats", {"live_visitors": visitors,
-                                      "events_per_second": self.live.rate(project)})  # type: ignore[union-attr]
-                await trio.sleep(1)
-
-        async def until_disconnect(cancel: trio.CancelScope) -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            cancel.cancel()
-
         try:
+            viewer = self.live.join(project)
+        except Full as e:
+            raise RequestError(503, "too_many_viewers", str(e)) from None
+        key = query.get("key")
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no")]})
+
+            async def event(name: str, data: Any) -> None:
+                chunk = f"event: {name}\ndata: ".encode() + _encode(data) + b"\n\n"
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+            async def stats(cancel: trio.CancelScope) -> None:
+                while self.write_keys.project(key) == project:  # a revoked key ends the stream
+                    hub = self.live
+                    assert hub is not None
+                    await event("stats", {"live_visitors": hub.visitors.get(project, 0),
+                                          "events_per_second": hub.rate(project)})
+                    await trio.sleep(1)
+                cancel.cancel()
+
+            async def until_disconnect(cancel: trio.CancelScope) -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                cancel.cancel()
+
             await event("hello", {"project": project})
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(stats)
+                nursery.start_soon(stats, nursery.cancel_scope)
                 nursery.start_soon(until_disconnect, nursery.cancel_scope)
                 async for rows in viewer.receive:
                     await event("events", rows)
                 nursery.cancel_scope.cancel()  # the hub closed: the service is stopping
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except (OSError, *TRANSIENT):
-            pass  # the viewer went away, or Redis did: EventSource reconnects by itself
+        except* OSError:
+            pass  # the viewer went away: EventSource reconnects by itself
         finally:
             self.live.leave(viewer)
 

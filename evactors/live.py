@@ -19,13 +19,16 @@ import msgspec
 import redis
 import trio
 
+from .publisher import LIVE_WINDOW_MS
 from .redis_io import Keys
 
 log = logging.getLogger("evactors.live")
 
 CHANNEL = "event:received"
-SHOWN = ("id", "name", "path", "country", "city", "browser", "os", "device", "created_at",
-         "profile_id", "device_id")
+# What a viewer sees of an event: no ids of people (the write key that opens the stream is
+# public in browser SDKs), only what the page shows.
+SHOWN = ("id", "name", "path", "country", "city", "browser", "os", "device", "created_at")
+MAX_VIEWERS = 100
 
 
 class Viewer:
@@ -34,16 +37,23 @@ class Viewer:
         self.send, self.receive = trio.open_memory_channel[list[dict[str, Any]]](16)
 
 
+class Full(Exception):
+    """Too many viewers already."""
+
+
 class LiveHub:
     def __init__(self, redis_url: str, keys: Keys) -> None:
         self.redis_url = redis_url
         self.keys = keys
         self.viewers: set[Viewer] = set()
         self.someone = trio.Event()
-        self.limiter = trio.CapacityLimiter(1)
-        self.arrivals: dict[str, deque[tuple[float, int]]] = {}  # project → (time, events)
+        self.limiter = trio.CapacityLimiter(1)  # its own: viewers never wait on ingest's Redis
+        self.arrivals: dict[str, deque[tuple[float, int]]] = {}  # watched project → (time, n)
+        self.visitors: dict[str, int] = {}  # watched project → live visitors, once a second
 
     def join(self, project: str) -> Viewer:
+        if len(self.viewers) >= MAX_VIEWERS:
+            raise Full(f"{MAX_VIEWERS} viewers already")
         viewer = Viewer(project)
         self.viewers.add(viewer)
         self.someone.set()
@@ -70,8 +80,13 @@ class LiveHub:
             by_project.setdefault(row[index["project_id"]], []).append(
                 {name: row[index[name]] for name in SHOWN})
         now = time.monotonic()
+        watched = {viewer.project for viewer in self.viewers}
+        for project in list(self.arrivals):
+            if project not in watched:
+                del self.arrivals[project]
         for project, rows in by_project.items():
-            self.arrivals.setdefault(project, deque()).append((now, len(rows)))
+            if project in watched:
+                self.arrivals.setdefault(project, deque()).append((now, len(rows)))
         for viewer in list(self.viewers):
             mine = by_project.get(viewer.project)
             if mine:
@@ -79,6 +94,19 @@ class LiveHub:
                     viewer.send.send_nowait(mine[-20:])
                 except (trio.WouldBlock, trio.ClosedResourceError):
                     pass  # a slow (or gone) viewer skips an update
+
+    async def _count_visitors(self, client: redis.Redis) -> None:
+        projects = sorted({viewer.project for viewer in self.viewers})
+        since = int(time.time() * 1000) - LIVE_WINDOW_MS
+
+        def count() -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for project in projects:
+                pipe.zcount(self.keys.live(project), since, "+inf")
+            return pipe.execute()
+
+        counts = await trio.to_thread.run_sync(count, limiter=self.limiter)
+        self.visitors = dict(zip(projects, (int(c) for c in counts), strict=True))
 
     async def run(self, shutdown: trio.Event) -> None:
         """The hub actor: subscribed while there are viewers, until shutdown."""
@@ -94,14 +122,17 @@ class LiveHub:
             await self.someone.wait()
             client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
             pubsub = client.pubsub(ignore_subscribe_messages=True)
+            next_stats = 0.0
             try:
                 await trio.to_thread.run_sync(pubsub.subscribe, CHANNEL, limiter=self.limiter)
                 while self.viewers:
                     message = await trio.to_thread.run_sync(
-                        functools.partial(pubsub.get_message, timeout=0.5), limiter=self.limiter,
-                        abandon_on_cancel=True)
+                        functools.partial(pubsub.get_message, timeout=0.5), limiter=self.limiter)
                     if message and message.get("type") == "message":
                         self._fan_out(message["data"])
+                    if time.monotonic() >= next_stats:  # one count per watched project
+                        next_stats = time.monotonic() + 1.0
+                        await self._count_visitors(client)
             except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
                 log.warning("live view lost its subscription, resubscribing: %s", e)
                 await trio.sleep(1)

@@ -132,7 +132,7 @@ def load_or_create_write_key(data_dir: Path) -> tuple[str, str]:
 
 def load_or_create_admin_token(data_dir: Path) -> str:
     path = data_dir / "admin.token"
-    if path.exists():
+    if path.exists() and len(path.read_text().strip()) >= 16:  # an empty token opens nothing
         return path.read_text().strip()
     token = secrets.token_urlsafe(32)
     path.write_text(token + "\n")
@@ -177,9 +177,11 @@ async def run(config: Config, ready: Callable[[dict[str, Any]], None] | None = N
         redis = RedisIO(redis_url, config.redis.timeout_seconds)
         stack.callback(redis.close)
         await trio.to_thread.run_sync(redis.client.ping)
-        wait_aof = config.redis.durability == "strict" and embedded is None
-        if wait_aof:
-            await _check_strict(redis)
+        # strict on an external server: WAITAOF after each write, unless the server fsyncs
+        # every write itself (appendfsync always); embedded: appendfsync always.
+        wait_aof = False
+        if config.redis.durability == "strict" and embedded is None:
+            wait_aof = await _check_strict(redis)
         await _check_shards(redis, Keys(config.redis.key_prefix), config.pipeline.session_shards)
         dsn = config.clickhouse.dsn or embedded_dsn(data_dir)
         clickhouse = ClickHouse(dsn, config.clickhouse.database, config.clickhouse.timeout_seconds)
@@ -215,17 +217,21 @@ async def _check_shards(redis: RedisIO, keys: Keys, shards: int) -> None:
                           f"set it back to {int(stored)} (changing it needs an empty Redis)")
 
 
-async def _check_strict(redis: RedisIO) -> None:
-    try:
-        await redis.run(lambda: redis.client.execute_command("WAITAOF", 0, 0, 1))
-        return
-    except Exception as e:
-        if "unknown command" not in str(e).lower() and "aof" not in str(e).lower():
-            raise
+async def _check_strict(redis: RedisIO) -> bool:
+    """Whether strict needs WAITAOF after each write (True), or the server already fsyncs
+    every write (False). Raises when the server can do neither."""
     fsync = await redis.run(lambda: redis.client.config_get("appendfsync"))
-    if fsync.get("appendfsync") != "always":
-        raise StartupError("redis.durability = strict needs WAITAOF (Redis ≥ 7.2 / Valkey) with "
-                           "appendonly yes, or appendfsync always on the server")
+    if fsync.get("appendfsync") == "always":
+        return False
+    try:  # numlocal 1, as every write will ask: refused when appendonly is off
+        await redis.run(lambda: redis.client.execute_command("WAITAOF", 1, 0, 1000))
+        return True
+    except Exception as e:
+        text = str(e).lower()
+        if "unknown command" not in text and "appendonly" not in text and "aof" not in text:
+            raise
+    raise StartupError("redis.durability = strict needs WAITAOF (Redis ≥ 7.2 / Valkey) with "
+                       "appendonly yes, or appendfsync always on the server")
 
 
 async def _serve(config: Config, redis: RedisIO, clickhouse: ClickHouse, geoip: GeoIP,
@@ -291,7 +297,7 @@ async def _serve(config: Config, redis: RedisIO, clickhouse: ClickHouse, geoip: 
         if reload_config is not None:
             try:
                 fresh = reload_config()
-            except ConfigError as e:
+            except Exception as e:  # a bad file (or unreadable, …): keep running as we are
                 log.error("SIGHUP: configuration not reloaded, the running one stays: %s", e)
                 return
             if fresh.write_keys:

@@ -81,7 +81,7 @@ async def test_a_flusher_dying_after_its_insert_is_finished_by_another(valkey: A
     from evactors.sessions import decode_block
 
     rows = [r for _id, fields in entries for r in decode_block(fields[b"d"]).events]
-    await dying._insert("events", rows, f"{keys.prefix}:0:{plan.first}:{plan.last}:events")
+    await dying._insert("events", rows, f"{keys.prefix}:0:{plan.replace(' ', ':')}:events")
     inserted = count(clickhouse)[0]  # … inserts, and dies before deleting the range
     assert 0 < inserted < total
     # more arrives meanwhile; the next flusher must carry out the recorded plan, not a new one
@@ -91,41 +91,46 @@ async def test_a_flusher_dying_after_its_insert_is_finished_by_another(valkey: A
     assert count(clickhouse) == (total, total)
 
 
-async def test_two_flushers_forming_plans_at_once_agree_on_one(valkey: Any, clickhouse: ClickHouse) -> None:
-    """B looks for a plan (none), A records one over the single entry there is, more rows
-    arrive, then B reads the (longer) head and records its plan: without NX, B's plan would
-    replace A's and the first entry would be inserted under two tokens."""
+async def test_a_late_flusher_never_drops_the_next_plan(valkey: Any, clickhouse: ClickHouse) -> None:
+    """B adopts plan P and reads its rows; A carries P out, records P2 over newer rows and
+    inserts them; B then finishes P. B must not drop P2 (it is not the plan B carried out),
+    or a third plan would cover P2's rows again under another token."""
     keys = Keys("fr")
     url = f"unix://{valkey.unix_socket_path}"
-    b_looked, a_done = trio.Event(), trio.Event()
+    b_read, a_ahead = trio.Event(), trio.Event()
 
     class PausingRedis(RedisIO):
         paused = False
 
         async def run(self, fn: Any, *args: Any) -> Any:
             result = await super().run(fn, *args)
-            if not self.paused and getattr(fn, "__name__", "") == "get":
-                self.paused = True  # B has seen "no plan": let A go first
-                b_looked.set()
-                await a_done.wait()
+            if not self.paused and getattr(fn, "__name__", "") == "xrange":
+                self.paused = True  # B holds P's rows: let A get ahead
+                b_read.set()
+                await a_ahead.wait()
             return result
 
     redis_a, redis_b = RedisIO(url, 5), PausingRedis(url, 5)
-    total = await fill_buffer(redis_a, keys, batches=1, per_batch=30, tag="first")
-    a = Flusher(redis_a, keys, clickhouse, shards=1, chunk_rows=100)
-    b = Flusher(redis_b, keys, clickhouse, shards=1, chunk_rows=100)
+    total = await fill_buffer(redis_a, keys, batches=2, per_batch=30, tag="first")
+    a = Flusher(redis_a, keys, clickhouse, shards=1, chunk_rows=1000)
+    b = Flusher(redis_b, keys, clickhouse, shards=1, chunk_rows=1000)
+    from evactors.sessions import decode_block
 
     async def run_a() -> None:
-        await b_looked.wait()
-        plan, entries = await a._entries(0)  # A's plan: the one entry
-        assert plan is not None and len(entries) == 1
         nonlocal total
-        total += await fill_buffer(redis_a, keys, batches=3, per_batch=30, tag="more")
-        a_done.set()
-        await a.flush_all(None)
+        await b_read.wait()
+        assert await a.flush_shard(0, None) == total  # A carries out P
+        total += await fill_buffer(redis_a, keys, batches=2, per_batch=30, tag="second")
+        plan2, entries2 = await a._entries(0)  # P2 …
+        assert plan2 is not None
+        rows = [r for _i, f in entries2 for r in decode_block(f[b"d"]).events]
+        await a._insert("events", rows, f"{keys.prefix}:0:{plan2.replace(' ', ':')}:events")
+        a_ahead.set()  # … inserted, not yet finished
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run_a)
-        nursery.start_soon(b.flush_all, None)
-    await a.flush_all(None)
+        nursery.start_soon(b.flush_shard, 0, None)  # B finishes P late
+    assert redis_a.client.get(keys.flush_plan(0)) is not None  # P2 survived B's finish
+    await a.flush_all(None)  # A (or anyone) carries out P2: same token, no double
     assert count(clickhouse) == (total, total)
+    assert redis_a.client.get(keys.flush_plan(0)) is None and redis_a.client.xlen(keys.buffer(0)) == 0

@@ -18,7 +18,7 @@ def _address(service: Service) -> tuple[str, int]:
 
 
 def test_slow_clients_are_cut_off_and_others_are_served(make_service) -> None:  # type: ignore[no-untyped-def]
-    service: Service = make_service(env={"EVACTORS_SERVER_READ_TIMEOUT_SECONDS": "1"}).start()
+    service: Service = make_service(env={"EVACTORS_SERVER_READ_TIMEOUT_SECONDS": "2"}).start()
     slow = []
     for _ in range(50):  # slowloris: start a request, never finish it
         s = socket.create_connection(_address(service))

@@ -159,3 +159,20 @@ def test_a_poison_event_is_dead_lettered_and_can_be_replayed(make_service) -> No
     assert [r["message_id"] for r in rows] == [batch[1]["messageId"]]
     after = run_cli("dead-letter", "list", "--format", "json", "--data-dir", str(service.data_dir))
     assert after.stdout.strip() == ""
+
+
+def test_an_undecodable_buffer_entry_is_dead_lettered_and_the_shard_goes_on(make_service) -> None:  # type: ignore[no-untyped-def]
+    import redis
+
+    service = make_service().start()
+    client = redis.Redis(unix_socket_path=str(service.data_dir / "redis" / "valkey.sock"))
+    for shard in range(4):
+        client.xadd(f"evx:{{s{shard}}}:buf", {b"n": 1, b"d": b"\xc1 not msgpack"})
+        client.incrby(f"evx:{{s{shard}}}:buf:n", 1)
+    assert service.batch([message("track", event=f"After {i}", anonymousId=f"u{i}")
+                          for i in range(12)]).status_code == 200
+    service.wait_rows("SELECT 1 FROM evactors.events WHERE name LIKE 'After %'", 12)
+    dead = client.xrange("evx:dead")
+    assert len(dead) == 4 and {f[b"source"] for _i, f in dead} == {b"buffer"}
+    assert sum(int(client.get(f"evx:{{s{s}}}:buf:n") or 0) for s in range(4)) == 0
+    assert "crashed" not in service.log()

@@ -45,14 +45,16 @@ async def test_repeated_crashes_escalate(autojump_clock: Any) -> None:
 
 
 def test_service_exits_non_zero_when_an_actor_keeps_crashing(make_service) -> None:  # type: ignore[no-untyped-def]
-    """A real poison entry in the Redis buffer makes the flusher crash on every attempt."""
+    """A real, lasting fault: the buffer's key holds the wrong type (an operator's mistake),
+    so every Redis call on it fails with WRONGTYPE — not a passing state to wait out."""
     service: Service = make_service(env={"EVACTORS_SUPERVISOR_MAX_RESTARTS": "2",
                                          "EVACTORS_SUPERVISOR_BACKOFF_INITIAL_SECONDS": "0.05"}).start()
     assert service.batch([message("track", event="Fine")]).status_code == 200
     service.wait_rows("SELECT 1 FROM evactors.events", 1)
     client = redis.Redis(unix_socket_path=str(service.data_dir / "redis" / "valkey.sock"))
-    client.xadd("evx:{s0}:buf", {b"n": 1, b"d": b"\xc1 not msgpack"})
-    client.incrby("evx:{s0}:buf:n", 1)
+    for shard in range(4):
+        client.delete(f"evx:{{s{shard}}}:buf")
+        client.set(f"evx:{{s{shard}}}:buf", "not a stream")
     assert service.proc is not None
     try:
         code = service.proc.wait(30)
@@ -60,5 +62,5 @@ def test_service_exits_non_zero_when_an_actor_keeps_crashing(make_service) -> No
         raise AssertionError("service kept running:\n" + service.log()[-3000:]) from None
     assert code == 1
     log = service.log()
-    assert "actor flusher crashed" in log and "stopping the service" in log
+    assert "crashed (ResponseError: WRONGTYPE" in log and "stopping the service" in log
     time.sleep(0.1)
