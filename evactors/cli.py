@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import string
 import sys
 import urllib.error
 import urllib.request
@@ -222,6 +223,54 @@ def cmd_dead_letter(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+REPORT_SQL = """
+SELECT day, users AS active_users, events, page_views FROM
+  (SELECT day, uniqMerge(users) AS users FROM {db}.daily_active_users
+   WHERE project_id = {project:String} AND day > today() - {days:UInt32} GROUP BY day) AS u
+FULL OUTER JOIN
+  (SELECT day, sum(events) AS events FROM {db}.daily_events
+   WHERE project_id = {project:String} AND day > today() - {days:UInt32} AND name != 'session_end'
+   GROUP BY day) AS e USING day
+FULL OUTER JOIN
+  (SELECT day, sum(views) AS page_views FROM {db}.daily_page_views
+   WHERE project_id = {project:String} AND day > today() - {days:UInt32} GROUP BY day) AS p USING day
+ORDER BY day
+"""
+TOP_SQL = """
+SELECT $column AS $label, sum($measure) AS total FROM {db}.$table
+WHERE project_id = {project:String} AND day > today() - {days:UInt32} $extra
+GROUP BY $column ORDER BY total DESC, $column LIMIT 10
+"""
+
+
+def _bind(sql: str, db: str, project: str, days: int) -> str:
+    """Fill the project and days in as SQL literals (the query may run through the service)."""
+    quoted = "'" + project.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return (sql.replace("{db}", db).replace("{project:String}", quoted)
+            .replace("{days:UInt32}", str(int(days))))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    db = config.clickhouse.database
+    try:
+        columns, rows = query_sql(config, _bind(REPORT_SQL, db, args.project, args.days))
+        print(f"project {args.project}, last {args.days} day(s), from the daily pre-aggregates")
+        _print_table(columns, rows, args.format)
+        for label, table, column, measure, extra in (
+                ("event", "daily_events", "name", "events", "AND name != 'session_end'"),
+                ("page", "daily_page_views", "path", "views", "")):
+            sql = string.Template(TOP_SQL).substitute(column=column, label=label, measure=measure,
+                                                      table=table, extra=extra)
+            columns, rows = query_sql(config, _bind(sql, db, args.project, args.days))
+            print(f"\ntop {label}s")
+            _print_table(columns, rows, args.format)
+    except Exception as e:
+        print(f"report failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return EXIT_FATAL
+    return EXIT_OK
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args)
     print(msgspec.json.format(msgspec.json.encode(config)).decode())
@@ -297,6 +346,14 @@ def parser() -> argparse.ArgumentParser:
     for sp in (dl_list, dl_replay):
         common(sp)
     dl.set_defaults(func=cmd_dead_letter)
+
+    rp = sub.add_parser("report", help="daily active users, events by name and page views of a "
+                        "project, from the pre-aggregates ClickHouse keeps")
+    common(rp)
+    rp.add_argument("--project", required=True)
+    rp.add_argument("--days", type=int, default=7)
+    rp.add_argument("--format", choices=["table", "json", "tsv"], default="table")
+    rp.set_defaults(func=cmd_report)
 
     c = sub.add_parser("check-config", help="validate the configuration and print it in full")
     common(c)

@@ -132,6 +132,21 @@ def _columns(types: dict[str, str], struct: type[msgspec.Struct]) -> str:
     return ",\n  ".join(f"`{name}` {typ}" for name, typ in types.items())
 
 
+# (view, target, SELECT over events): kept by ClickHouse at insert time, so no counter is
+# lost in a crash; deduplicated with the insert that feeds them.
+_AGGREGATES = [
+    ("daily_events_mv", "daily_events",
+     "SELECT project_id, toDate(created_at) AS day, name, count() AS events "
+     "FROM {db}.events GROUP BY project_id, day, name"),
+    ("daily_page_views_mv", "daily_page_views",
+     "SELECT project_id, toDate(created_at) AS day, path, count() AS views FROM {db}.events "
+     "WHERE name = 'screen_view' GROUP BY project_id, day, path"),
+    ("daily_active_users_mv", "daily_active_users",
+     "SELECT project_id, toDate(created_at) AS day, "
+     "uniqState(if(profile_id != '', profile_id, device_id)) AS users FROM {db}.events "
+     "WHERE name != 'session_end' GROUP BY project_id, day"),
+]
+
 TABLES: dict[str, tuple[type[msgspec.Struct], list[str]]] = {
     "events": (EventRow, list(_EVENT_TYPES)),
     "sessions": (SessionRow, list(_SESSION_TYPES)),
@@ -168,6 +183,27 @@ PARTITION BY toYYYYMM(created_at)
 ORDER BY (project_id, toDate(created_at), reason, name)
 TTL toDateTime(created_at) + INTERVAL {BOTS_RETENTION_DAYS} DAY
 SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}""",
+    ]),
+    (3, "daily pre-aggregates kept by ClickHouse: events by name, page views, active users", [
+        f"""CREATE TABLE IF NOT EXISTS {{db}}.daily_events (
+  project_id LowCardinality(String), day Date, name LowCardinality(String), events UInt64
+) ENGINE = SummingMergeTree ORDER BY (project_id, day, name)
+SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}""",
+        f"""CREATE TABLE IF NOT EXISTS {{db}}.daily_page_views (
+  project_id LowCardinality(String), day Date, path String, views UInt64
+) ENGINE = SummingMergeTree ORDER BY (project_id, day, path)
+SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}""",
+        f"""CREATE TABLE IF NOT EXISTS {{db}}.daily_active_users (
+  project_id LowCardinality(String), day Date, users AggregateFunction(uniq, String)
+) ENGINE = AggregatingMergeTree ORDER BY (project_id, day)
+SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}""",
+        *[f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {{db}}.{view} TO {{db}}.{target} AS {select}"""
+          for view, target, select in _AGGREGATES],
+        # what the events table held before the views existed; a token makes a rerun of an
+        # interrupted migration a no-op instead of a second count
+        *[f"INSERT INTO {{db}}.{target} SETTINGS insert_deduplicate = 1, "
+          f"insert_deduplication_token = 'migration-3-{target}' {select}"
+          for _view, target, select in _AGGREGATES],
     ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -270,6 +306,8 @@ class ClickHouse:
         self.client.insert(
             table, data, column_names=columns, database=self.database, column_oriented=True,
             settings={"insert_deduplication_token": token, "insert_deduplicate": 1,
+                      # the pre-aggregates follow the insert: deduplicated with it
+                      "deduplicate_blocks_in_dependent_materialized_views": 1,
                       # an import may span years of monthly partitions in one chunk
                       "max_partitions_per_insert_block": 0},
         )

@@ -89,6 +89,9 @@ async def test_a_flusher_dying_after_its_insert_is_finished_by_another(valkey: A
     successor = Flusher(redis, keys, clickhouse, shards=1, chunk_rows=100)
     await successor.flush_all(None)
     assert count(clickhouse) == (total, total)
+    # the pre-aggregates were fed by the repeated insert too, and deduplicated with it
+    daily = clickhouse.client.query(f"SELECT sum(events) FROM {clickhouse.database}.daily_events")
+    assert int(daily.result_rows[0][0]) == total
 
 
 async def test_a_late_flusher_never_drops_the_next_plan(valkey: Any, clickhouse: ClickHouse) -> None:

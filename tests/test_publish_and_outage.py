@@ -87,11 +87,11 @@ def test_clickhouse_outage_buffers_then_catches_up_exactly_once(make_service) ->
 
 def test_schema_version_is_recorded_and_migrate_is_idempotent(service: Service) -> None:
     versions = service.query("SELECT version FROM evactors.schema_migrations")
-    assert sorted(v["version"] for v in versions) == [1, 2]
+    assert sorted(v["version"] for v in versions) == [1, 2, 3]
     assert run_cli("migrate", "--data-dir", str(service.data_dir)).returncode == 0  # defers to service
     assert service.stop() == 0
     result = run_cli("migrate", "--data-dir", str(service.data_dir))
-    assert result.returncode == 0 and "schema version 2 (applied now: none)" in result.stdout
+    assert result.returncode == 0 and "schema version 3 (applied now: none)" in result.stdout
     result = run_cli("query", "--data-dir", str(service.data_dir), "--format", "tsv",
                      "SELECT count() FROM evactors.schema_migrations")
-    assert result.returncode == 0 and result.stdout.strip() == "2"
+    assert result.returncode == 0 and result.stdout.strip() == "3"
