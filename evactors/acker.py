@@ -14,15 +14,18 @@ from .messages import Receipt
 from .redis_io import Keys, RedisIO, retrying
 from .replay import InFlight
 
-# KEYS: stream, counter. ARGV: id1, n1, id2, n2, …
+# KEYS: stream, counter[, flush plan]. ARGV: the plan carried out (or ""), id1, n1, id2, n2, …
+# Used by the acker (no plan) and the flusher, which drops its plan only if it is still the
+# one it carried out (another flusher may already have recorded the next).
 REMOVE_ENTRIES = """
 local removed = 0
-for i = 1, #ARGV, 2 do
+for i = 2, #ARGV, 2 do
   if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then
     removed = removed + tonumber(ARGV[i + 1])
   end
 end
 if removed > 0 then redis.call('DECRBY', KEYS[2], removed) end
+if KEYS[3] and redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
 return removed
 """
 
@@ -36,7 +39,7 @@ async def acker(redis: RedisIO, keys: Keys, in_flight: InFlight,
                 receipts = receipts + inbox.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
-        args: list[str | int] = []
+        args: list[str | int] = [""]
         for r in receipts:
             args += [r.entry_id, r.events]
 

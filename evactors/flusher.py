@@ -23,6 +23,7 @@ import msgspec
 import trio
 
 from . import metrics
+from .acker import REMOVE_ENTRIES
 from .clickhouse import ClickHouse
 from .deadletter import DeadLetters
 from .messages import Notice
@@ -66,19 +67,6 @@ redis.call('SET', KEYS[1], plan)
 return plan
 """
 
-# KEYS: buffer stream, its counter, plan key. ARGV: the plan carried out, then id, rows, …
-# The plan is dropped only if it is still the one carried out.
-FINISH = """
-local removed = 0
-for i = 2, #ARGV, 2 do
-  if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then
-    removed = removed + tonumber(ARGV[i + 1])
-  end
-end
-if removed > 0 then redis.call('DECRBY', KEYS[2], removed) end
-if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
-return removed
-"""
 
 
 class Flusher:
@@ -90,7 +78,7 @@ class Flusher:
         self.shards = shards
         self.chunk_rows = chunk_rows
         self.plan_script = redis.client.register_script(PLAN)
-        self.finish_script = redis.client.register_script(FINISH)
+        self.finish_script = redis.client.register_script(REMOVE_ENTRIES)
         self.dead_letters = DeadLetters(redis, keys)
         self.backoff = {shard: Backoff() for shard in range(shards)}
         self.waiting_for_clickhouse = False

@@ -332,8 +332,9 @@ class Ingest:
                 cancel.cancel()
 
             async def until_disconnect(cancel: trio.CancelScope) -> None:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
+                while True:  # the client sends nothing more until it goes away
+                    if (await receive())["type"] == "http.disconnect":
+                        break
                 cancel.cancel()
 
             await event("hello", {"project": project})
