@@ -52,6 +52,22 @@ class Backlog:
         return self.lag_seconds
 
 
+def backlog_sizes(client: Any, keys: Keys, shards: int) -> dict[str, Any]:
+    """For readers outside the service (sync): the exact backlog from the counters, and the
+    cached figure with the seconds it has left (None once expired: the service is not
+    refreshing it)."""
+    names = [keys.ingest_count] + [keys.buffer_count(s) for s in range(shards)]
+    pipe = client.pipeline(transaction=True)  # one moment for every counter
+    pipe.mget(names)
+    pipe.get(keys.buffer_size_cached)
+    pipe.ttl(keys.buffer_size_cached)
+    values, cached, ttl = pipe.execute()
+    counts = [int(v or 0) for v in values]
+    return {"exact": sum(counts), "ingest": counts[0], "buffers": counts[1:],
+            "cached": int(cached) if cached is not None else None,
+            "cached_ttl_seconds": ttl if cached is not None else None}
+
+
 async def cleanup(backlog: Backlog, depths: Callable[[], dict[str, int]] | None = None,
                   every: float = 1.0) -> None:
     """Refresh the backlog, the lag and the channel depths (gauges, and the cached

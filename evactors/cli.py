@@ -7,6 +7,7 @@ Exit codes: 0 clean stop, 1 fatal fault (an actor kept crashing, a part would no
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import os
@@ -150,6 +151,45 @@ def _admin_get(info: dict[str, Any], data_dir: Path, path: str) -> Any:
         return json.loads(response.read())
 
 
+def cmd_remap(args: argparse.Namespace) -> int:
+    """Re-map anonymous ids (old → new) through the running service: each pair becomes an
+    entry of the ingest stream, so it is durable and ordered with the traffic. Sessions
+    that start only because of it carry reason 're-anonymized'."""
+    config = load_config(args)
+    info = _running_service(config.data_path)
+    if info is None:
+        print(f"evactors is not running on {config.data_path}: start it first", file=sys.stderr)
+        return 3
+    try:
+        source = sys.stdin if args.file == "-" else open(args.file, newline="")
+    except OSError as e:
+        print(f"cannot read {args.file}: {e.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+    pairs: list[list[str]] = []
+    with source:
+        for n, row in enumerate(csv.reader(source), 1):
+            if not row or row[0].startswith("#") or (n == 1 and row[:2] == ["old", "new"]):
+                continue
+            if len(row) != 2 or not row[0].strip() or not row[1].strip():
+                print(f"{args.file}:{n}: expected 'old,new', got {row!r}", file=sys.stderr)
+                return EXIT_CONFIG
+            pairs.append([row[0].strip(), row[1].strip()])
+    token = (config.data_path / "admin.token").read_text().strip()
+    request = urllib.request.Request(
+        info["url"].rstrip("/") + "/admin/remap", method="POST",
+        data=json.dumps({"project": args.project, "pairs": pairs}).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            result = json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        print(f"remap refused: {json.loads(e.read()).get('message', e)}", file=sys.stderr)
+        return EXIT_FATAL
+    print(f"{result['remapped']} id(s) re-mapped in {args.project}"
+          + (f", {result['skipped']} skipped (empty or unchanged)" if result["skipped"] else ""))
+    return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Exit 0 with the state of a running service; 3 when none runs on this data dir
     (as ``systemctl status`` does for an inactive unit)."""
@@ -220,6 +260,51 @@ def cmd_dead_letter(args: argparse.Namespace) -> int:
     moved = replay(client, keys, None if args.all else args.ids)
     print(f"{moved} dead letter(s) put back into the ingest stream; a running service picks "
           "them up within two minutes (or at its next start)")
+    return EXIT_OK
+
+
+def cmd_live(args: argparse.Namespace) -> int:
+    """The live state the publisher and cleanup keep in Redis, as they keep it."""
+    from datetime import UTC, datetime
+
+    from .cleanup import backlog_sizes
+    from .publisher import last_screen_view, live_visitors
+    from .redis_io import Keys
+
+    config = load_config(args)
+    keys = Keys(config.redis.key_prefix)
+    try:
+        client = _redis_client(config)
+    except RuntimeError as e:
+        print(f"evactors: {e}", file=sys.stderr)
+        return EXIT_FATAL
+    shards = int(client.hget(keys.meta, "session_shards") or config.pipeline.session_shards)
+    out: dict[str, Any] = {"project": args.project,
+                           "live_visitors": live_visitors(client, keys, args.project),
+                           "backlog": backlog_sizes(client, keys, shards)}
+    if args.profile is not None:
+        out["profile"] = args.profile
+        out["last_screen_view"] = last_screen_view(client, keys, args.project, args.profile)
+        ttl = client.ttl(keys.last_screen_view(args.project, args.profile))
+        out["last_screen_view_ttl_seconds"] = ttl if ttl >= 0 else None
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return EXIT_OK
+    backlog = out["backlog"]
+    print(f"project {args.project}: {out['live_visitors']} live visitor(s) in the last 5 minutes")
+    cached = ("expired (is the service running?)" if backlog["cached"] is None else
+              f"{backlog['cached']} (refreshed each second, expires in {backlog['cached_ttl_seconds']}s)")
+    print(f"backlog (all projects): {backlog['exact']} exact (ingest {backlog['ingest']}, buffers "
+          f"{'+'.join(map(str, backlog['buffers']))}); cached {cached}")
+    if args.profile is not None:
+        view = out["last_screen_view"]
+        if view is None:
+            print(f"profile {args.profile}: no screen view in the last 31 minutes")
+        else:
+            at = datetime.fromtimestamp(view["created_at"] / 1000, UTC).isoformat(timespec="seconds")
+            print(f"profile {args.profile}: last screen view {view['path'] or '-'} "
+                  f"({view['properties'].get('name', '')}) at {at}, session {view['session_id']}, "
+                  f"kept {out['last_screen_view_ttl_seconds']}s more")
     return EXIT_OK
 
 
@@ -347,6 +432,13 @@ def parser() -> argparse.ArgumentParser:
         common(sp)
     dl.set_defaults(func=cmd_dead_letter)
 
+    rm = sub.add_parser("remap", help="re-map anonymous ids (a CSV of old,new) through the running "
+                        "service; sessions it starts carry reason 're-anonymized'")
+    common(rm)
+    rm.add_argument("--project", required=True)
+    rm.add_argument("file", help="CSV file of old,new pairs ('-': standard input)")
+    rm.set_defaults(func=cmd_remap)
+
     rp = sub.add_parser("report", help="daily active users, events by name and page views of a "
                         "project, from the pre-aggregates ClickHouse keeps")
     common(rp)
@@ -355,12 +447,29 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--format", choices=["table", "json", "tsv"], default="table")
     rp.set_defaults(func=cmd_report)
 
+    lv = sub.add_parser("live", help="live state of a project from Redis: live visitors (5 min), "
+                        "backlog exact and cached, a profile's last screen view (31 min)")
+    common(lv)
+    lv.add_argument("--project", required=True)
+    lv.add_argument("--profile", help="also show this profile's last screen view")
+    lv.add_argument("--redis-url", help="Redis/Valkey URL (default: the configured one)")
+    lv.add_argument("--json", action="store_true")
+    lv.set_defaults(func=cmd_live)
+
     c = sub.add_parser("check-config", help="validate the configuration and print it in full")
     common(c)
     c.set_defaults(func=cmd_check_config)
 
     sub.add_parser("bench-enrich", add_help=False,
                    help="benchmark the enricher pool on a realistic mix (--help for options)")
+    sub.add_parser("loadtest", add_help=False,
+                   help="send realistic Segment traffic to a running service, measure it, verify exactly-once "
+                   "(--help for options)")
+    sub.add_parser("bench", add_help=False,
+                   help="start a service on embedded defaults, load-test it, verify, write the report "
+                   "(--help for options)")
+    sub.add_parser("bench-sessions", add_help=False,
+                   help="Redis memory per active session, by key type (--help for options)")
 
     r = sub.add_parser("config-reference", help="print the configuration reference (markdown) "
                        "or, with --toml, the example config file")
@@ -376,10 +485,18 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["loadtest"], ["bench"]):  # the load harness parses its own options
+        from .loadtest import main_bench, main_loadtest
+
+        return (main_loadtest if argv[0] == "loadtest" else main_bench)(argv[1:])
     if argv[:1] == ["bench-enrich"]:  # its own options, parsed by the benchmark
         from .bench_enrich import main as bench_enrich
 
         return bench_enrich(argv[1:])
+    if argv[:1] == ["bench-sessions"]:
+        from .bench_sessions import main as bench_sessions
+
+        return bench_sessions(argv[1:])
     args = parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -147,6 +147,19 @@ _AGGREGATES = [
      "WHERE name != 'session_end' GROUP BY project_id, day"),
 ]
 
+# (view, target, SELECT over profiles): what identify calls leave per trait and per profile.
+# Both targets are idempotent (latest per trait; min / max / set), so a row seen twice
+# (a backfill racing a live insert) changes nothing.
+_PROFILE_VIEWS = [
+    ("profile_traits_mv", "profile_traits",
+     "SELECT project_id, profile_id, key, value, updated_at FROM {db}.profiles "
+     "ARRAY JOIN mapKeys(traits) AS key, mapValues(traits) AS value"),
+    ("profile_summary_mv", "profile_summary",
+     "SELECT project_id, profile_id, groupUniqArrayState(1000)(anonymous_id) AS anonymous_ids, "
+     "min(created_at) AS first_seen, max(updated_at) AS last_seen FROM {db}.profiles "
+     "GROUP BY project_id, profile_id"),
+]
+
 TABLES: dict[str, tuple[type[msgspec.Struct], list[str]]] = {
     "events": (EventRow, list(_EVENT_TYPES)),
     "sessions": (SessionRow, list(_SESSION_TYPES)),
@@ -205,8 +218,62 @@ SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}""",
           f"insert_deduplication_token = 'migration-3-{target}' {select}"
           for _view, target, select in _AGGREGATES],
     ]),
+    (4, "profiles merged per trait (latest event time wins): profile_traits, profile_summary, "
+        "profiles_merged", [
+        # one row per (profile, trait): a later identify with fewer traits keeps the others
+        f"""CREATE TABLE IF NOT EXISTS {{db}}.profile_traits (
+  project_id LowCardinality(String), profile_id String, key String, value String,
+  updated_at DateTime64(3, 'UTC')
+) ENGINE = ReplacingMergeTree(updated_at) ORDER BY (project_id, profile_id, key)
+SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}""",
+        f"""CREATE TABLE IF NOT EXISTS {{db}}.profile_summary (
+  project_id LowCardinality(String), profile_id String,
+  anonymous_ids AggregateFunction(groupUniqArray(1000), String),
+  first_seen SimpleAggregateFunction(min, DateTime64(3, 'UTC')),
+  last_seen SimpleAggregateFunction(max, DateTime64(3, 'UTC'))
+) ENGINE = AggregatingMergeTree ORDER BY (project_id, profile_id)
+SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}""",
+        *[f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {{db}}.{view} TO {{db}}.{target} AS {select}"""
+          for view, target, select in _PROFILE_VIEWS],
+        # what profiles held before (only the latest row of a profile whose rows were merged)
+        *[f"INSERT INTO {{db}}.{target} SETTINGS insert_deduplicate = 1, "
+          f"insert_deduplication_token = 'migration-4-{target}' {select}"
+          for _view, target, select in _PROFILE_VIEWS],
+        # read-time merge, independent of background merges and of arrival order: per trait
+        # the value of the latest event time (ties: the greater value, so it is deterministic)
+        """CREATE VIEW IF NOT EXISTS {db}.profiles_merged AS
+SELECT s.project_id AS project_id, s.profile_id AS profile_id, t.traits AS traits,
+  s.anonymous_ids AS anonymous_ids, s.first_seen AS first_seen, s.last_seen AS last_seen
+FROM (SELECT project_id, profile_id, groupUniqArrayMerge(1000)(anonymous_ids) AS anonymous_ids,
+        min(first_seen) AS first_seen, max(last_seen) AS last_seen
+      FROM {db}.profile_summary GROUP BY project_id, profile_id) AS s
+LEFT JOIN (SELECT project_id, profile_id, mapFromArrays(groupArray(key), groupArray(value)) AS traits
+           FROM (SELECT project_id, profile_id, key, argMax(value, (updated_at, value)) AS value
+                 FROM {db}.profile_traits GROUP BY project_id, profile_id, key)
+           GROUP BY project_id, profile_id) AS t
+ON s.project_id = t.project_id AND s.profile_id = t.profile_id""",
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+# Types the flusher declares for its inserts: the tables' own, except LowCardinality(String)
+# sent as String, which ClickHouse converts on insert. clickhouse-connect builds a
+# LowCardinality column's dictionary in Python (a third of an events insert's GIL time);
+# the engine does it in C++ with the GIL released. Declared types also spare a DESCRIBE.
+INSERT_TYPES: dict[str, list[str]] = {
+    table: ["String" if t == "LowCardinality(String)" else t for t in types.values()]
+    for table, types in (("events", _EVENT_TYPES), ("sessions", _SESSION_TYPES),
+                         ("profiles", _PROFILE_TYPES), ("events_bots", _BOT_TYPES))
+}
+
+# Every insert of the flusher: deduplicated by its token, and so are the materialized views
+# it feeds (pre-aggregates, profile traits), which would otherwise count a retried chunk twice.
+INSERT_SETTINGS: dict[str, int] = {
+    "insert_deduplicate": 1,
+    "deduplicate_blocks_in_dependent_materialized_views": 1,
+    "max_partitions_per_insert_block": 0,  # an import may span years of monthly partitions
+}
 
 
 def embedded_dsn(data_dir: Path) -> str:
@@ -301,15 +368,12 @@ class ClickHouse:
 
     def insert_sync(self, table: str, rows: Sequence[msgspec.Struct], token: str) -> None:
         _struct, columns = TABLES[table]
-        data = [list(column) for column in zip(*(msgspec.structs.astuple(r) for r in rows), strict=False)]
+        data = list(zip(*(msgspec.structs.astuple(r) for r in rows), strict=False))
         started = time.perf_counter()
         self.client.insert(
-            table, data, column_names=columns, database=self.database, column_oriented=True,
-            settings={"insert_deduplication_token": token, "insert_deduplicate": 1,
-                      # the pre-aggregates follow the insert: deduplicated with it
-                      "deduplicate_blocks_in_dependent_materialized_views": 1,
-                      # an import may span years of monthly partitions in one chunk
-                      "max_partitions_per_insert_block": 0},
+            table, data, column_names=columns, column_type_names=INSERT_TYPES[table],
+            database=self.database, column_oriented=True,
+            settings={"insert_deduplication_token": token, **INSERT_SETTINGS},
         )
         log.debug("inserted %d rows into %s in %.1f ms", len(rows), table,
                   (time.perf_counter() - started) * 1000)

@@ -106,6 +106,13 @@ class PipelineConfig(_Section):
     session_timeout_seconds: Annotated[int, Doc(
         "A session ends after this many seconds without an event.")] = 30 * 60
     session_sweep_seconds: Annotated[float, Doc("Seconds between sweeps that close idle sessions.")] = 10.0
+    lateness_seconds: Annotated[int, Doc(
+        "Events up to this many seconds older than the latest event of their session are still "
+        "placed in order (screen views are held that long before their duration is final); "
+        "later ones join their session if it is open, and are counted. 0: no reordering.")] = 60
+    close_sessions_on_shutdown: Annotated[bool, Doc(
+        "true: a graceful stop closes every open session (session_end, sessions row) before "
+        "exiting; false: open sessions stay in Redis and continue after a restart.")] = False
     keep_bots: Annotated[bool, Doc(
         "false: bot events go to `events_bots`, not `events`; true: kept in `events` with "
         "is_bot = 1.")] = False
@@ -311,6 +318,7 @@ def validate(c: Config) -> None:
         ("pipeline.dedup_window_seconds", c.pipeline.dedup_window_seconds),
         ("pipeline.session_timeout_seconds", c.pipeline.session_timeout_seconds),
         ("pipeline.session_sweep_seconds", c.pipeline.session_sweep_seconds),
+        ("pipeline.lateness_seconds", c.pipeline.lateness_seconds + 1),  # 0 is allowed
         ("pipeline.ua_cache_size", c.pipeline.ua_cache_size),
         ("pipeline.geo_cache_size", c.pipeline.geo_cache_size),
         ("flush.interval_seconds", c.flush.interval_seconds),

@@ -76,6 +76,17 @@ def _page_info(url: str) -> PageInfo:
     return PageInfo(parts.path, origin, utm)
 
 
+def remap_row(event: Incoming) -> EventRow:
+    """A re-map (``bin/evactors remap``) travels as an event of the new id, so it lands in
+    that id's shard, in order and exactly once; the session actor applies it, and saves
+    no row for it."""
+    return EventRow(
+        event_id(event.project_id, event.message_id), event.project_id, "$remap", event.anonymous_id,
+        "", "", event.timestamp_ms, event.received_ms, "", "", "", "", 0, {}, "", "", "", "", "", "",
+        None, None, "", "", "", "", "", "", "", "", "", "", "", "", "", 0, 0, 0, event.message_id,
+        "remap", 0, "", "", "", "", "")
+
+
 class Enricher:
     """Stateless per batch; holds the shared parsers and caches.
 
@@ -183,7 +194,7 @@ class Enricher:
                 try:
                     if event.name == self.poison_hook:
                         raise RuntimeError("injected poison (EVACTORS_TEST_POISON_EVENT)")
-                    row = enrich(event)
+                    row = enrich(event) if event.type != "remap" else remap_row(event)
                 except Exception as e:  # one bad event must not stop the others
                     poison.append((event, f"{type(e).__name__}: {e}"))
                     continue

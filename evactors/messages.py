@@ -46,3 +46,6 @@ class Notice:
 
     channel: str  # "event:received" | "event:saved"
     rows: list[EventRow]
+    # screen views received but held for their duration (not in the buffer, not published):
+    # they make their visitor live and are the visitor's last screen view
+    held: list[EventRow] = field(default_factory=list)

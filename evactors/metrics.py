@@ -30,6 +30,10 @@ REDIS_ERRORS = Counter("evactors_redis_errors", "Failed Redis operations (retrie
                        registry=REGISTRY)
 ACTOR_RESTARTS = Counter("evactors_actor_restarts", "Restarts of crashed actors", ["actor"],
                          registry=REGISTRY)
+LATE_EVENTS = Counter("evactors_late_events", "Events older than their session's latest event, by "
+                      "outcome: reordered (within the lateness window), beyond_window, closed_session",
+                      ["outcome"], registry=REGISTRY)
+REMAPS = Counter("evactors_remaps", "Anonymous ids re-mapped (bin/evactors remap)", registry=REGISTRY)
 SESSIONS_CLOSED = Counter("evactors_sessions_closed", "Sessions closed", registry=REGISTRY)
 BACKLOG = Gauge("evactors_backlog_events", "Events durable in Redis, not yet in ClickHouse",
                 registry=REGISTRY)

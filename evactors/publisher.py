@@ -4,7 +4,8 @@
   ClickHouse) on Redis pub/sub. One message per batch: ``{"columns": [...], "rows":
   [[...], ...]}``, the rows as the ``events`` table holds them. Encoding is skipped while
   no one subscribes.
-* the last screen view per (project, profile), readable for 31 minutes;
+* the last screen view per (project, profile), readable for 31 minutes: the one of the
+  latest event time (a late view, or a held one saved later, does not replace a newer one);
 * live visitors: a sorted set per project (profile → last seen), trimmed to 5 minutes.
 """
 
@@ -30,6 +31,19 @@ CHANNELS = ("event:received", "event:saved")
 _COLUMNS = TABLES["events"][1]
 _encode = msgspec.json.Encoder().encode
 
+# KEYS: last-view key. ARGV: the view's created_at, its JSON, ttl. Kept unless older.
+SET_LAST_VIEW = """
+local old = redis.call('GET', KEYS[1])
+if old then
+  local ok, view = pcall(cjson.decode, old)
+  if ok and type(view) == 'table' and tonumber(view.created_at) and tonumber(view.created_at) > tonumber(ARGV[1]) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+
 
 class Publisher:
     def __init__(self, redis: RedisIO, keys: Keys) -> None:
@@ -37,6 +51,7 @@ class Publisher:
         self.keys = keys
         self.subscribers: dict[str, int] = {c: 1 for c in CHANNELS}
         self._checked = 0.0
+        self.set_last_view = redis.client.register_script(SET_LAST_VIEW)
 
     async def _refresh_subscribers(self) -> None:
         if time.monotonic() - self._checked < 1.0:
@@ -52,28 +67,30 @@ class Publisher:
         last_views: dict[str, EventRow] = {}
         messages: list[tuple[str, bytes]] = []
         for notice in notices:
-            if self.subscribers.get(notice.channel):
+            if notice.rows and self.subscribers.get(notice.channel):
                 messages.append((notice.channel, _encode({"columns": _COLUMNS, "rows": notice.rows})))
             if notice.channel != "event:received":
                 continue
-            for row in notice.rows:
+            for row in (*notice.rows, *notice.held):
                 visitor = row.profile_id or row.device_id
                 if not visitor or row.name == "session_end":
                     continue
                 live.setdefault(row.project_id, {})[visitor] = now
                 if row.name == "screen_view":
-                    last_views[self.keys.last_screen_view(row.project_id, visitor)] = row
+                    key = self.keys.last_screen_view(row.project_id, visitor)
+                    if key not in last_views or row.created_at >= last_views[key].created_at:
+                        last_views[key] = row
 
-        def build(pipe: object) -> None:
-            p = pipe
+        def build(p: Any) -> None:
             for channel, payload in messages:
-                p.publish(channel, payload)  # type: ignore[attr-defined]
+                p.publish(channel, payload)
             for key, row in last_views.items():
-                p.set(key, _encode(msgspec.structs.asdict(row)), ex=LAST_SCREEN_VIEW_TTL)  # type: ignore
+                self.set_last_view(keys=[key], client=p, args=[
+                    row.created_at, _encode(msgspec.structs.asdict(row)), LAST_SCREEN_VIEW_TTL])
             for project, members in live.items():
-                p.zadd(self.keys.live(project), members)  # type: ignore[attr-defined]
-                p.zremrangebyscore(self.keys.live(project), "-inf", now - LIVE_WINDOW_MS)  # type: ignore
-                p.pexpire(self.keys.live(project), LIVE_WINDOW_MS)  # type: ignore[attr-defined]
+                p.zadd(self.keys.live(project), members)
+                p.zremrangebyscore(self.keys.live(project), "-inf", now - LIVE_WINDOW_MS)
+                p.pexpire(self.keys.live(project), LIVE_WINDOW_MS)
 
         if messages or last_views or live:
             await self.redis.pipeline(build)

@@ -73,6 +73,10 @@ class Keys:
     def dedup(self, shard: int, project: str, message_id: str) -> str:
         return f"{self.shard(shard)}:d:{project}:{message_id}"
 
+    def alias(self, project: str, previous_id: str) -> str:
+        # not per shard: any shard resolves ids through it (written by the alias's shard)
+        return f"{self.prefix}:alias:{project}:{previous_id}"
+
     def live(self, project: str) -> str:
         return f"{self.prefix}:live:{project}"  # zset: profile → last seen (ms)
 

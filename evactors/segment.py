@@ -244,8 +244,10 @@ def _one(raw: bytes, index: int, kind: str | None, project_id: str, peer: Peer,
     if problem is not None:
         out.rejected.append(Rejected(index, _text(msg.messageId) or None, *problem))
         return
+    # the derived id (a SHA-256 of the bytes) only when the sender gave none: it was 40%
+    # of parsing when computed for every message
     event = to_incoming(msg, message_kind, project_id, peer, batch_sent_at,
-                        derived_message_id(project_id, raw, index))
+                        "" if _text(msg.messageId) else derived_message_id(project_id, raw, index))
     if event.timestamp_ms < EARLIEST_MS:
         out.rejected.append(Rejected(index, event.message_id, "timestamp",
                                      "before 2000-01-01 (after clock-skew correction)"))

@@ -1,26 +1,31 @@
 """Session actors: one per shard of the (project, device) key space.
 
-Each batch costs two Redis round trips: one reads the dedup markers and user states of
-the whole batch, one commits everything in one Lua script (atomic, and one command however
-large the batch) — dedup markers, new user states, the open-session index (derived from
-each final state), the rows for ClickHouse (one buffer-stream entry). Because the commit
-is atomic and a shard is processed by one task at a time, a
-replayed batch (after a crash, before its ingest entry was deleted) finds its events
-marked and adds nothing: no event is kept twice, none is marked without being kept.
+Each batch costs two Redis round trips (a third only to follow alias chains): one reads
+the dedup markers, user states and alias links of the whole batch, one commits everything
+in one Lua script (atomic, and one command however large the batch) — dedup markers, new
+user states, alias links, the open-session index (derived from each final state), the rows
+for ClickHouse (one buffer-stream entry). Because the commit is atomic and a shard is
+processed by one task at a time, a replayed batch (after a crash, before its ingest entry
+was deleted) finds its events marked and adds nothing: no event is kept twice, none is
+marked without being kept.
 
-Sessions follow event time: a gap of more than the timeout starts a new one. A sweep
-closes sessions that have had no event for the timeout by wall clock, so a session ends
-even when its user never comes back. The last ``screen_view`` of a session is held in the
-session state until the next one (or the end) gives it a duration; events that are not
-screen views take the path/origin of that held one and record its id in
-``properties.__inherit_from``.
+The rules (docs/sessions.md) in short: sessions follow event time, a gap of more than the
+timeout starts a new one, and a sweep closes sessions idle for the timeout by wall clock.
+Screen views are held in the session state until their duration is final: until the next
+view is older than the lateness window, so a view arriving late (within the window) still
+takes its place. Other events take path/origin of the view before them and record its id in
+``properties.__inherit_from``. Saved rows are never rewritten: that is what keeps them
+exactly once.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 import logging
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -36,9 +41,21 @@ log = logging.getLogger("evactors.sessions")
 
 YEAR = 365 * 24 * 3600
 SWEEP_LIMIT = 500
+ALIAS_HOPS = 4  # alias chains longer than this resolve to where the walk stopped
+REANONYMIZED = "re-anonymized"
+
+
+class ViewRef(msgspec.Struct, array_like=True):
+    """The latest screen view already saved: what a late event still inherits from."""
+
+    id: str
+    path: str
+    origin: str
+    at: int
 
 
 class OpenSession(msgspec.Struct, array_like=True):
+    # Field order is the stored encoding: new fields go at the end, with a default.
     id: str
     start: int  # event time, ms
     last: int  # event time of the latest event, ms
@@ -60,14 +77,37 @@ class OpenSession(msgspec.Struct, array_like=True):
     os: str
     device: str
     reason: str
-    pending: EventRow | None  # the last screen_view, waiting for its duration
+    pending: EventRow | None  # the latest screen view: its duration waits for the next one
+    earlier: list[EventRow] = []  # held views before `pending`, within the lateness window
+    released: ViewRef | None = None
+    entry_at: int = 0
+    exit_at: int = 0
+
+    def held(self) -> list[EventRow]:
+        return [*self.earlier, self.pending] if self.pending is not None else list(self.earlier)
+
+    def hold(self, views: list[EventRow]) -> None:
+        self.earlier, self.pending = views[:-1], (views[-1] if views else None)
+
+
+class ClosedRef(msgspec.Struct, array_like=True):
+    """The last closed session of a device: where a straggler of it still belongs."""
+
+    id: str
+    start: int
+    last: int
+    number: int
 
 
 class UserState(msgspec.Struct, array_like=True):
-    """Per (project, device): the session counter (kept a year) and the open session."""
+    """Per (project, device): the session counter (kept a year), the open session, the
+    profile the device is known as, and what the next session must carry (a re-map)."""
 
     sessions: int
     session: OpenSession | None = None
+    profile: str = ""
+    next_reason: str = ""
+    closed: ClosedRef | None = None
 
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -87,16 +127,22 @@ encode_block = _encode
 decode_block = msgspec.msgpack.Decoder(Block).decode
 
 
-# KEYS: buffer stream, buffer count, session index, dedup keys…, state keys…
-# ARGV: dedup ttl, state ttl, number of dedup keys, rows, block, then per state key its
-# value and its index score ("" when it has no open session: leave the index).
+# KEYS: buffer stream, buffer count, session index, dedup keys…, alias keys…, state keys…
+# ARGV: dedup ttl, state ttl, number of dedup keys, rows, block, number of alias keys, then
+# per alias key its target, then per state key its value and its index score ("" when it
+# has no open session: leave the index).
 COMMIT = """
 local nd = tonumber(ARGV[3])
+local na = tonumber(ARGV[6])
 for i = 1, nd do
   redis.call('SET', KEYS[3 + i], '1', 'EX', ARGV[1])
 end
-local a = 6
-for i = 4 + nd, #KEYS do
+local a = 7
+for i = 4 + nd, 3 + nd + na do
+  redis.call('SET', KEYS[i], ARGV[a], 'EX', ARGV[2])
+  a = a + 1
+end
+for i = 4 + nd + na, #KEYS do
   redis.call('SET', KEYS[i], ARGV[a], 'EX', ARGV[2])
   if ARGV[a + 1] == '' then
     redis.call('ZREM', KEYS[3], KEYS[i])
@@ -123,6 +169,7 @@ class Commit:
         self.profiles: list[ProfileRow] = []
         self.bots: list[BotRow] = []
         self.dedup_keys: list[str] = []
+        self.aliases: dict[str, str] = {}  # alias key → the id it resolves to
         self.states: dict[str, UserState] = {}  # the index follows each final state
 
     @property
@@ -130,13 +177,30 @@ class Commit:
         return len(self.events) + len(self.sessions) + len(self.profiles) + len(self.bots)
 
 
+Link = tuple[str, str]  # (project, id): an alias link's source
+
+
+class Loaded:
+    """What one batch read: dedup verdicts, user states, alias links (source → target)."""
+
+    def __init__(self, seen: list[bool], states: dict[str, UserState], links: dict[Link, str],
+                 sources: dict[str, UserState]) -> None:
+        self.seen = seen
+        self.states = states
+        self.links = links
+        self.sources = sources  # re-mapped ids' states, read only
+
+
 class SessionShard:
     def __init__(self, shard: int, redis: RedisIO, keys: Keys, timeout_s: int, dedup_s: int,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, *, lateness_s: int = 60,
+                 shards: int = 1) -> None:
         self.shard = shard
+        self.shards = shards
         self.redis = redis
         self.keys = keys
         self.timeout_ms = timeout_s * 1000
+        self.lateness_ms = lateness_s * 1000
         self.dedup_s = dedup_s
         self.clock = clock
         self.commit_script = redis.client.register_script(COMMIT)
@@ -147,20 +211,59 @@ class SessionShard:
     def state_key(self, project: str, device: str) -> str:
         return self.keys.user_state(self.shard, project, device)
 
+    def _foreign_state_key(self, project: str, device: str) -> str:
+        """The state key of a device that may live in another shard (read only)."""
+        shard = zlib.crc32(f"{project}\x00{device}".encode()) % self.shards
+        return self.keys.user_state(shard, project, device)
+
     # --- reading ---------------------------------------------------------------------
 
-    async def _load(self, dedup_keys: list[str], state_keys: list[str]) -> tuple[list[bool], dict[str, UserState]]:
-        def build(pipe: object) -> None:
-            if dedup_keys:
-                pipe.mget(dedup_keys)  # type: ignore[attr-defined]
-            if state_keys:
-                pipe.mget(state_keys)  # type: ignore[attr-defined]
+    async def _mget(self, *groups: list[str]) -> list[list[Any]]:
+        """One round trip: an MGET per non-empty group."""
+        wanted = [g for g in groups if g]
+        if not wanted:
+            return [[] for _ in groups]
 
-        results = await self.redis.pipeline(build) if dedup_keys or state_keys else []
-        seen = [v is not None for v in results[0]] if dedup_keys else []
-        raw_states = results[-1] if state_keys else []
-        states = {k: _decode_state(v) if v else UserState(0) for k, v in zip(state_keys, raw_states, strict=False)}
-        return seen, states
+        def build(pipe: Any) -> None:
+            for group in wanted:
+                pipe.mget(group)
+
+        results = iter(await self.redis.pipeline(build))
+        return [next(results) if g else [] for g in groups]
+
+    async def _load(self, dedup_keys: list[str], state_keys: list[str], ids: list[Link] | None = None,
+                    source_keys: list[str] | None = None) -> Loaded:
+        ids, source_keys = ids or [], source_keys or []
+        alias = self.keys.alias
+        dedup, raw_states, raw_links, raw_sources = await self._mget(
+            dedup_keys, state_keys, [alias(*i) for i in ids], source_keys)
+        states = {k: _decode_state(v) if v else UserState(0) for k, v in zip(state_keys, raw_states, strict=True)}
+        sources = {k: _decode_state(v) if v else UserState(0) for k, v in zip(source_keys, raw_sources, strict=True)}
+        links = {i: v.decode() for i, v in zip(ids, raw_links, strict=True) if v}
+        # Follow chains (a → b, then b → c): another round trip only when links exist.
+        asked = set(ids)
+        for _ in range(ALIAS_HOPS):
+            ask = list({(project, target) for (project, _), target in links.items()} - asked)
+            if not ask:
+                break
+            asked.update(ask)
+            (found,) = await self._mget([alias(*i) for i in ask])
+            links.update({i: v.decode() for i, v in zip(ask, found, strict=True) if v})
+        return Loaded([v is not None for v in dedup], states, links, sources)
+
+    # --- identity --------------------------------------------------------------------
+
+    @staticmethod
+    def _resolve(project: str, uid: str, links: dict[Link, str]) -> str:
+        """``uid`` through the alias links, to the newest id (cycles stop where they loop)."""
+        seen = {uid}
+        for _ in range(ALIAS_HOPS + 1):
+            nxt = links.get((project, uid))
+            if not nxt or nxt in seen:
+                break
+            seen.add(nxt)
+            uid = nxt
+        return uid
 
     # --- sessionizing ----------------------------------------------------------------
 
@@ -169,14 +272,21 @@ class SessionShard:
         assert s is not None
         project, device = key.split(":u:", 1)[1].split(":", 1)
         end = s.last
-        if s.pending is not None:
-            s.pending.duration = max(0, end - s.pending.created_at)
-            commit.events.append(s.pending)
+        views = s.held()
+        for view, after in itertools.pairwise(views):
+            view.duration = after.created_at - view.created_at
+            commit.events.append(view)
+        if views:
+            last = views[-1]
+            last.duration = max(0, end - last.created_at)
+            last.properties["__duration_from"] = "session_end"
+            commit.events.append(last)
         commit.events.append(EventRow(
             id=event_id(project, f"session_end:{s.id}"), project_id=project, name="session_end",
             device_id=device, profile_id=s.profile_id, session_id=s.id, created_at=end,
             received_at=now, path=s.exit, origin="", referrer=s.referrer, referrer_name="",
-            duration=end - s.start, properties={}, country=s.country, country_name="", region="",
+            duration=end - s.start, properties={"reason": s.reason} if s.reason else {},
+            country=s.country, country_name="", region="",
             region_name="", city=s.city, postal_code="", latitude=None, longitude=None,
             timezone="", browser=s.browser, browser_version="", os=s.os, os_version="",
             device=s.device, brand="", model="", utm_source=s.utm_source,
@@ -192,61 +302,139 @@ class SessionShard:
             utm_medium=s.utm_medium, utm_campaign=s.utm_campaign, utm_term=s.utm_term,
             utm_content=s.utm_content, country=s.country, city=s.city, browser=s.browser,
             os=s.os, device=s.device, reason=s.reason, version=now))
+        state.closed = ClosedRef(s.id, s.start, s.last, state.sessions)
         state.session = None
         commit.states[key] = state
         metrics.SESSIONS_CLOSED.inc()
 
+    def _open(self, state: UserState, row: EventRow, now: int) -> OpenSession:
+        state.sessions += 1
+        s = OpenSession(
+            id=session_id(row.project_id, row.device_id, row.created_at),
+            start=row.created_at, last=row.created_at, seen=now, pages=0, events=0,
+            entry="", exit="", referrer=row.referrer, utm_source=row.utm_source,
+            utm_medium=row.utm_medium, utm_campaign=row.utm_campaign, utm_term=row.utm_term,
+            utm_content=row.utm_content, profile_id="", country=row.country, city=row.city,
+            browser=row.browser, os=row.os, device=row.device, reason=state.next_reason,
+            pending=None)
+        state.next_reason = ""
+        state.session = s
+        row.is_new_session = 1
+        return s
+
+    def _straggler(self, state: UserState, row: EventRow, commit: Commit) -> None:
+        """An event whose session has closed: saved with that session's id when it was the
+        device's last one closed (else with none); the closed session stays as it was."""
+        closed = state.closed
+        if closed is not None and closed.start - self.timeout_ms <= row.created_at <= closed.last + self.timeout_ms:
+            row.session_id, row.session_number, row.session_start = closed.id, closed.number, closed.start
+        metrics.LATE_EVENTS.labels("closed_session").inc()
+        commit.events.append(row)
+
     def _apply(self, key: str, state: UserState, enriched: EventRow, incoming: Incoming,
-               commit: Commit, now: int) -> None:
+               commit: Commit, now: int, links: dict[Link, str]) -> None:
         # A copy: a failed attempt must not leave its session fields on the event.
         row = msgspec.structs.replace(enriched, properties=dict(enriched.properties))
+        project, t = row.project_id, row.created_at
+        commit.states[key] = state
+        # Identity first: every row carries the profile its device is known as by now.
+        if row.profile_id:
+            state.profile = self._resolve(project, row.profile_id, links)
+        elif state.profile:
+            state.profile = self._resolve(project, state.profile, links)
+        elif (project, row.device_id) in links:
+            state.profile = self._resolve(project, row.device_id, links)
+        if row.type == "alias" and row.profile_id and incoming.previous_id:
+            target = state.profile
+            if incoming.previous_id != target:
+                links[project, incoming.previous_id] = target
+                commit.aliases[self.keys.alias(project, incoming.previous_id)] = target
+        row.profile_id = state.profile
+
         s = state.session
-        if s is not None and row.created_at - s.last > self.timeout_ms:
+        if s is not None and t - s.last > self.timeout_ms:
             self._close(key, state, commit, now)
             s = None
-        if s is None:
-            state.sessions += 1
-            s = OpenSession(
-                id=session_id(row.project_id, row.device_id, row.created_at),
-                start=row.created_at, last=row.created_at, seen=now, pages=0, events=0,
-                entry="", exit="", referrer=row.referrer, utm_source=row.utm_source,
-                utm_medium=row.utm_medium, utm_campaign=row.utm_campaign, utm_term=row.utm_term,
-                utm_content=row.utm_content, profile_id="", country=row.country, city=row.city,
-                browser=row.browser, os=row.os, device=row.device, reason="", pending=None)
-            state.session = s
-            row.is_new_session = 1
-        s.last = max(s.last, row.created_at)
+        if s is not None and t < s.last:
+            if t < s.start - self.timeout_ms:  # before this session and apart from it
+                self._straggler(state, row, commit)
+                return
+            metrics.LATE_EVENTS.labels("reordered" if s.last - t <= self.lateness_ms else "beyond_window").inc()
+        elif s is None:
+            closed = state.closed
+            if closed is not None and t <= closed.last + self.timeout_ms and t < closed.last:
+                self._straggler(state, row, commit)
+                return
+            s = self._open(state, row, now)
+        s.last = max(s.last, t)
         s.seen = now
         s.events += 1
         s.profile_id = row.profile_id or s.profile_id
-        row.profile_id = row.profile_id or s.profile_id
         row.session_id, row.session_number, row.session_start = s.id, state.sessions, s.start
         if row.name == "screen_view":
-            s.pages += 1
-            s.entry = s.entry or row.path
-            held = s.pending
-            if held is not None and row.created_at < held.created_at:
-                # a late view: it ends where the held (later) one begins; that one stays held
-                row.duration = held.created_at - row.created_at
-                commit.events.append(row)
-            else:
-                s.exit = row.path or s.exit
-                if held is not None:
-                    held.duration = row.created_at - held.created_at
-                    commit.events.append(held)
-                s.pending = row
+            self._view(s, row, commit)
         else:
-            held = s.pending
-            if held is not None and held.created_at <= row.created_at:
-                row.path, row.origin = held.path, held.origin
-                row.properties["__inherit_from"] = held.id
+            self._inherit(s, row)
             commit.events.append(row)
+        self._release(s, commit)
         if row.type == "identify" and row.profile_id:
             commit.profiles.append(ProfileRow(
-                project_id=row.project_id, profile_id=row.profile_id, anonymous_id=row.device_id,
-                traits=flatten(incoming.traits), created_at=row.created_at,
-                updated_at=row.created_at))
-        commit.states[key] = state
+                project_id=project, profile_id=row.profile_id, anonymous_id=row.device_id,
+                traits=flatten(incoming.traits), created_at=t, updated_at=t))
+
+    def _view(self, s: OpenSession, row: EventRow, commit: Commit) -> None:
+        t = row.created_at
+        s.pages += 1
+        if s.pages == 1 or t < s.entry_at:
+            s.entry, s.entry_at = row.path, t
+        if t >= s.exit_at:
+            s.exit, s.exit_at = row.path, t
+        released = s.released
+        if released is not None and t < released.at:
+            # Its predecessor is saved already: it ends where the next known view begins.
+            row.duration = released.at - t
+            commit.events.append(row)
+            return
+        views = s.held()
+        views.insert(bisect.bisect_right([v.created_at for v in views], t), row)
+        s.hold(views)
+
+    def _release(self, s: OpenSession, commit: Commit) -> None:
+        """Save the held views whose duration is final: those whose next view is older than
+        the lateness window, since no on-time view can fall between them any more."""
+        if not s.earlier:
+            return
+        views, horizon = s.held(), s.last - self.lateness_ms
+        while len(views) >= 2 and views[1].created_at < horizon:
+            view = views.pop(0)
+            view.duration = views[0].created_at - view.created_at
+            commit.events.append(view)
+            s.released = ViewRef(view.id, view.path, view.origin, view.created_at)
+        s.hold(views)
+
+    def _inherit(self, s: OpenSession, row: EventRow) -> None:
+        t = row.created_at
+        source: EventRow | ViewRef | None = None
+        for view in reversed(s.held()):
+            if view.created_at <= t:
+                source = view
+                break
+        if source is None and s.released is not None and s.released.at <= t:
+            source = s.released
+        if source is not None:
+            row.path, row.origin = source.path, source.origin
+            row.properties["__inherit_from"] = source.id
+
+    def _remap(self, state: UserState, source: UserState) -> None:
+        """The new id continues the old one: its count, its profile; the session that
+        starts only because of the re-map says so."""
+        state.sessions = max(state.sessions, source.sessions)
+        state.profile = state.profile or source.profile
+        if state.session is None:
+            state.next_reason = REANONYMIZED
+        elif not state.session.reason:
+            state.session.reason = REANONYMIZED  # its events came before the re-map did
+        metrics.REMAPS.inc()
 
     # --- committing ------------------------------------------------------------------
 
@@ -255,8 +443,9 @@ class SessionShard:
         block = (encode_block(Block(commit.events, commit.sessions, commit.profiles, commit.bots))
                  if commit.rows else b"")
         script_keys = [keys.buffer(shard), keys.buffer_count(shard), keys.session_index(shard),
-                       *commit.dedup_keys, *commit.states]
-        args: list[bytes | int | str] = [self.dedup_s, YEAR, len(commit.dedup_keys), commit.rows, block]
+                       *commit.dedup_keys, *commit.aliases, *commit.states]
+        args: list[bytes | int | str] = [self.dedup_s, YEAR, len(commit.dedup_keys), commit.rows, block,
+                                          len(commit.aliases), *commit.aliases.values()]
         for state in commit.states.values():
             args += [_encode(state), state.session.seen if state.session is not None else ""]
         await self.redis.run(functools.partial(self.commit_script, keys=script_keys, args=args))
@@ -265,14 +454,25 @@ class SessionShard:
         """Dedup, sessionize and commit one unit. Safe to re-run after a failure."""
         now = self._now_ms()
         items = sorted(items, key=lambda e: e.row.created_at)
-        dedup_keys = [self.keys.dedup(self.shard, e.row.project_id, e.row.message_id) for e in items]
-        state_keys = list(dict.fromkeys(self.state_key(e.row.project_id, e.row.device_id)
-                                        for e in items if type(e.row) is EventRow))
-        seen, states = await self._load(dedup_keys, state_keys)
+        keys = self.keys
+        dedup_keys = [keys.dedup(self.shard, e.row.project_id, e.row.message_id) for e in items]
+        events = [e for e in items if type(e.row) is EventRow]
+        state_keys = list(dict.fromkeys(self.state_key(e.row.project_id, e.row.device_id) for e in events))
+        ids: dict[Link, None] = {}
+        source_keys: list[str] = []
+        for e in events:
+            project = e.row.project_id
+            ids[project, e.row.device_id] = None
+            if e.row.profile_id:
+                ids[project, e.row.profile_id] = None
+            if e.row.type == "remap":
+                source_keys.append(self._foreign_state_key(project, e.incoming.previous_id))
+        loaded = await self._load(dedup_keys, state_keys, list(ids), source_keys)
+        states, links = loaded.states, loaded.links
         commit = Commit()
         fresh: set[str] = set()
         duplicates = 0
-        for item, dedup_key, was_seen in zip(items, dedup_keys, seen, strict=True):
+        for item, dedup_key, was_seen in zip(items, dedup_keys, loaded.seen, strict=True):
             if was_seen or dedup_key in fresh:
                 duplicates += 1
                 continue
@@ -283,27 +483,33 @@ class SessionShard:
                 commit.bots.append(row)
                 continue
             key = self.state_key(row.project_id, row.device_id)
-            self._apply(key, states[key], row, item.incoming, commit, now)
+            if row.type == "remap":
+                source = loaded.sources[self._foreign_state_key(row.project_id, item.incoming.previous_id)]
+                self._remap(states[key], source)
+                commit.states[key] = states[key]
+                continue
+            self._apply(key, states[key], row, item.incoming, commit, now, links)
         await self._commit(commit)
         metrics.DUPLICATES.inc(duplicates)
         metrics.STAGE_EVENTS.labels("session").inc(len(commit.dedup_keys))
         return commit
 
-    async def sweep(self) -> Commit | None:
-        """Close sessions idle (wall clock) for longer than the timeout."""
+    async def sweep(self, close_all: bool = False) -> Commit | None:
+        """Close sessions idle (wall clock) for longer than the timeout; every open one
+        with ``close_all`` (a graceful stop that closes sessions)."""
         now = self._now_ms()
         index = self.keys.session_index(self.shard)
+        cutoff = "+inf" if close_all else now - self.timeout_ms
         expired: Any = await self.redis.run(
-            lambda: self.redis.client.zrangebyscore(index, "-inf", now - self.timeout_ms,
-                                                    start=0, num=SWEEP_LIMIT))
+            lambda: self.redis.client.zrangebyscore(index, "-inf", cutoff, start=0, num=SWEEP_LIMIT))
         if not expired:
             return None
         keys = [k.decode() for k in expired]
-        _, states = await self._load([], keys)
+        states = (await self._load([], keys)).states
         commit = Commit()
         for key in keys:
             state = states[key]
-            if state.session is not None and state.session.seen <= now - self.timeout_ms:
+            if state.session is not None and (close_all or state.session.seen <= now - self.timeout_ms):
                 self._close(key, state, commit, now)
             elif state.session is None:
                 commit.states[key] = state  # already closed: the commit drops it from the index
@@ -314,10 +520,12 @@ class SessionShard:
 async def session_actor(shard: SessionShard, inbox: trio.MemoryReceiveChannel[ShardBatch],
                         done: trio.MemorySendChannel[list[Receipt]],
                         notices: trio.MemorySendChannel[Notice], sweep_every: float,
-                        replayed: trio.Event, max_events: int = 2000) -> None:
+                        replayed: trio.Event, max_events: int = 2000,
+                        close_on_shutdown: bool = False) -> None:
     """Receive shard batches (coalescing what is queued), commit them, report receipts.
     Sweeps wait for the start-up replay: events a previous run accepted may continue
-    sessions that look idle by the wall clock."""
+    sessions that look idle by the wall clock. When the inbox ends (a graceful stop) and
+    ``close_on_shutdown`` is set, every open session of the shard is closed first."""
     next_sweep = trio.current_time() + sweep_every
     while True:
         batch: ShardBatch | None = None
@@ -325,11 +533,11 @@ async def session_actor(shard: SessionShard, inbox: trio.MemoryReceiveChannel[Sh
             try:
                 batch = await inbox.receive()
             except trio.EndOfChannel:
+                if close_on_shutdown:
+                    await _sweep_all(shard, close_all=True)
                 return
         if trio.current_time() >= next_sweep and replayed.is_set():
-            commit = await retrying(f"session-{shard.shard} sweep", shard.sweep)
-            while commit is not None and len(commit.states) >= SWEEP_LIMIT:
-                commit = await retrying(f"session-{shard.shard} sweep", shard.sweep)
+            await _sweep_all(shard)
             next_sweep = trio.current_time() + sweep_every
         if batch is None:
             continue
@@ -349,8 +557,18 @@ async def session_actor(shard: SessionShard, inbox: trio.MemoryReceiveChannel[Sh
                 finished.append(receipt)
         if finished:
             await done.send(finished)
-        if commit.events:
+        # Held screen views are not saved yet, but they make their visitor live.
+        held = [v for st in commit.states.values() if st.session is not None for v in st.session.held()]
+        if commit.events or held:
             try:
-                notices.send_nowait(Notice("event:received", commit.events))
+                notices.send_nowait(Notice("event:received", commit.events, held=held))
             except trio.WouldBlock:
                 metrics.PUBLISH_DROPPED.inc()
+
+
+async def _sweep_all(shard: SessionShard, close_all: bool = False) -> None:
+    """Sweep until done: a full sweep may have left more behind it."""
+    while True:
+        commit = await retrying(f"session-{shard.shard} sweep", shard.sweep, close_all)
+        if commit is None or (not close_all and len(commit.states) < SWEEP_LIMIT):
+            return

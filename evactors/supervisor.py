@@ -370,10 +370,12 @@ async def _serve(config: Config, redis: RedisIO, clickhouse: ClickHouse, geoip: 
                                                     flusher_notices, closes=(flusher_notices,)))
                 for i, (_tx, rx) in enumerate(shard_channels):
                     shard = SessionShard(i, redis, keys, pipe.session_timeout_seconds,
-                                         pipe.dedup_window_seconds)
+                                         pipe.dedup_window_seconds, lateness_s=pipe.lateness_seconds,
+                                         shards=pipe.session_shards)
                     d, n = done_tx.clone(), notice_tx.clone()
+                    actor = functools.partial(session_actor, close_on_shutdown=pipe.close_sessions_on_shutdown)
                     actors.start_soon(functools.partial(
-                        sup.supervise, f"session-{i}", session_actor, shard, rx, d, n,
+                        sup.supervise, f"session-{i}", actor, shard, rx, d, n,
                         pipe.session_sweep_seconds, replayed, closes=(d, n)))
                 shard_txs = [tx for tx, _ in shard_channels]
                 for j in range(pipe.enrichers):
