@@ -297,7 +297,8 @@ async def test_the_actor_closes_an_idle_session_after_the_timeout(valkey: Any, a
         while not rows(buffered(shard), "sessions") and trio.current_time() - committed < 3600:
             await trio.sleep(5)
         idle = trio.current_time() - committed
-        assert 30 * 60 <= idle <= 30 * 60 + 10 + 10  # the timeout, plus at most a sweep interval
+        # the timeout, plus a sweep interval or so (the clock jumps while Redis answers in a thread)
+        assert 30 * 60 <= idle <= 30 * 60 + 60
         assert len(rows(buffered(shard), "sessions")) == 1
         assert [e.name for e in rows(buffered(shard))] == ["screen_view", "session_end"]
         nursery.cancel_scope.cancel()
