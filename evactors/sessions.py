@@ -345,7 +345,7 @@ class SessionShard:
                commit: Commit, now: int, links: dict[Link, str]) -> None:
         # A copy: a failed attempt must not leave its session fields on the event.
         row = msgspec.structs.replace(enriched, properties=dict(enriched.properties))
-        project, t = row.project_id, row.created_at
+        project, device, t = row.project_id, row.device_id, row.created_at
         commit.states[key] = state
         # Identity first: every row carries the profile its device is known as by now.
         if row.profile_id:
@@ -366,7 +366,10 @@ class SessionShard:
             self._close(key, state, commit, now)
             s = None
         if s is not None and t < s.last:
-            if t < s.start - self.timeout_ms:  # before this session and apart from it
+            closed = state.closed
+            if t < s.start and (t < s.start - self.timeout_ms
+                                or (closed is not None and t <= closed.last + self.timeout_ms)):
+                # before this session: it continues the one closed before (or none)
                 self._straggler(state, row, commit)
                 return
             metrics.LATE_EVENTS.labels("reordered" if s.last - t <= self.lateness_ms else "beyond_window").inc()
@@ -386,7 +389,7 @@ class SessionShard:
         else:
             self._inherit(s, row)
             commit.events.append(row)
-        self._release(s, commit, row.project_id, row.device_id)
+        self._release(s, commit, project, device)  # not row's fields: a held row is stripped
         if row.type == "identify" and row.profile_id:
             commit.profiles.append(ProfileRow(
                 project_id=project, profile_id=row.profile_id, anonymous_id=row.device_id,

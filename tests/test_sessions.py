@@ -10,7 +10,7 @@ import trio
 
 from evactors.enrich import Enricher, remap_row
 from evactors.messages import Enriched
-from evactors.model import Context, Incoming
+from evactors.model import Context, Incoming, event_id
 from evactors.redis_io import Keys, RedisIO
 from evactors.sessions import SessionShard, decode_block
 
@@ -173,8 +173,11 @@ async def test_views_are_saved_once_the_next_is_past_the_window(shard: SessionSh
     saved = [(e.path, e.duration) for e in rows(buffered(shard))]
     assert saved == [("/a", 30_000)]  # a view at 4–5 min could still come before /c
     await feed(shard, incoming("track", T0 + 6 * MIN + 1, name="Later"))
-    saved = [(e.path, e.duration) for e in rows(buffered(shard)) if e.name == "screen_view"]
-    assert saved == [("/a", 30_000), ("/b", 5 * MIN - 30_000)]
+    saved = [e for e in rows(buffered(shard)) if e.name == "screen_view"]
+    assert [(e.path, e.duration) for e in saved] == [("/a", 30_000), ("/b", 5 * MIN - 30_000)]
+    for view in saved:  # held compactly, saved whole
+        assert (view.project_id, view.device_id) == ("p", "d1")
+        assert view.id == event_id("p", view.message_id) and view.session_id and view.session_start == T0
 
 
 async def test_a_straggler_beyond_the_window_joins_its_open_session(shard: SessionShard) -> None:
@@ -227,6 +230,15 @@ async def test_a_straggler_of_a_closed_session_keeps_its_id_and_is_counted(shard
     assert events["Straggler"].session_id == events["A"].session_id
     assert metrics.LATE_EVENTS.labels("closed_session")._value.get() == before + 1
     assert len(rows(buffered(shard), "sessions")) == 1  # the closed session is not re-opened
+
+
+async def test_a_straggler_between_two_sessions_continues_the_earlier(shard: SessionShard) -> None:
+    """Within the timeout of both: the event before it in time is the closed session's."""
+    await feed(shard, incoming("track", T0, name="First"))
+    await feed(shard, incoming("track", T0 + 40 * MIN, name="Second"))  # closes the first
+    await feed(shard, incoming("track", T0 + 25 * MIN, name="Between"))  # 15 min before Second
+    events = {e.name: e for e in rows(buffered(shard))}
+    assert events["Between"].session_id == events["First"].session_id != events["Second"].session_id
 
 
 async def test_alias_and_identify_resolve_later_events_to_one_profile(shard: SessionShard) -> None:
