@@ -99,7 +99,7 @@ return id
 class _Append:
     """One request's entry waiting in a group commit: its outcome, and its turn."""
 
-    __slots__ = ("events", "blob", "turn", "done", "entry_id", "error")
+    __slots__ = ("blob", "done", "entry_id", "error", "events", "turn")
 
     def __init__(self, events: list[Incoming], blob: bytes) -> None:
         self.events, self.blob = events, blob

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import msgspec
+
 from .model import BotRow, EventRow, Incoming
 
 
@@ -25,8 +27,10 @@ class IngestBatch:
     events: list[Incoming]
 
 
-@dataclass(slots=True)
-class Enriched:
+class Enriched(msgspec.Struct, gc=False):
+    """One enriched event. Not tracked by the garbage collector (one per event; it holds
+    rows and events, never itself), like the rows in ``model``."""
+
     row: EventRow | BotRow  # a BotRow: a filtered bot, bound for events_bots
     incoming: Incoming
     shard: int

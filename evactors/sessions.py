@@ -360,6 +360,10 @@ class SessionShard:
                 links[project, incoming.previous_id] = target
                 commit.aliases[self.keys.alias(project, incoming.previous_id)] = target
         row.profile_id = state.profile
+        if row.type == "identify" and row.profile_id:  # late or not: traits merge by event time
+            commit.profiles.append(ProfileRow(
+                project_id=project, profile_id=row.profile_id, anonymous_id=device,
+                traits=flatten(incoming.traits), created_at=t, updated_at=t))
 
         s = state.session
         if s is not None and t - s.last > self.timeout_ms:
@@ -390,10 +394,6 @@ class SessionShard:
             self._inherit(s, row)
             commit.events.append(row)
         self._release(s, commit, project, device)  # not row's fields: a held row is stripped
-        if row.type == "identify" and row.profile_id:
-            commit.profiles.append(ProfileRow(
-                project_id=project, profile_id=row.profile_id, anonymous_id=row.device_id,
-                traits=flatten(incoming.traits), created_at=t, updated_at=t))
 
     def _view(self, s: OpenSession, row: EventRow, commit: Commit) -> None:
         t = row.created_at

@@ -327,3 +327,10 @@ async def test_a_commit_waits_out_a_redis_restart(shard: SessionShard, valkey: A
         await trio.sleep(0.5)  # the commit is failing and backing off meanwhile
         await trio.to_thread.run_sync(valkey.start)
     assert [e.name for e in rows(buffered(shard))] == ["Patient"]
+
+
+async def test_a_straggling_identify_still_upserts_its_profile(shard: SessionShard) -> None:
+    await feed(shard, incoming("track", T0, name="A"), incoming("track", T0 + 40 * MIN, name="B"))
+    await feed(shard, incoming("identify", T0 + 1 * MIN, user_id="u-late"))  # a closed session's
+    profiles = rows(buffered(shard), "profiles")
+    assert [(p.profile_id, p.anonymous_id, p.updated_at) for p in profiles] == [("u-late", "d1", T0 + MIN)]
