@@ -1,0 +1,144 @@
+"""The load harness itself (short runs): its verification passes on a clean run and fails
+when ClickHouse holds one event too few, one too many, or one it refused; ``bench`` runs end
+to end (service, traffic, stop, exactly-once and oracle checks, floor, report)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from conftest import BIN, Service
+from evactors.loadtest import ERROR, MALFORMED, PLAIN, LoadTest, Options, Phase, RunResult, Traffic
+from evactors.loadtest_report import build, table
+from evactors.loadtest_verify import AdminReader, expectations, verify
+
+
+def _run(service: Service, tmp_path: Path, seconds: float = 3.0, rate: float = 1500) -> RunResult:
+    opts = Options(url=service.url, write_key="key-a", project="project-a", phases=[Phase(rate, seconds)],
+                   lanes=6, senders=1, batch=(5, 40), data_dir=service.data_dir, report_dir=tmp_path / "report",
+                   progress=False, p_bad=0.01, bad_requests=0.02, run_id="t1")
+    test = LoadTest(opts, say=lambda _text: None)
+    try:
+        test.prepare()
+        test.run()
+        test.drain()
+        return test.finish()
+    finally:
+        test.close()
+
+
+def _ids(result: RunResult, kind: str, statuses: tuple[int, ...]) -> list[str]:
+    t = result.traffic
+    return [mid for r, (status, _a, _rej) in sorted(result.outcomes.items())
+            if status in statuses and t.flags[r] == PLAIN for k, mid in zip(t.kinds[r], t.ids[r], strict=True)
+            if k == kind]
+
+
+def _failed(verification: dict[str, Any]) -> dict[str, list[str]]:
+    return {c["check"]: c["examples"] for c in verification["checks"] if not c["ok"]}
+
+
+def test_verification_passes_clean_and_names_a_missing_a_doubled_and_a_rejected_event(
+        make_service: Any, tmp_path: Path) -> None:
+    service = make_service().start()
+    result = _run(service, tmp_path)
+    answers = Counter(status for status, _a, _r in result.outcomes.values())
+    assert answers[200] > 20 and answers[400] > 0, answers  # batches with invalid messages, broken requests
+    assert answers[ERROR] == 0 and answers[503] == 0
+    reader = AdminReader(service.url, (service.data_dir / "admin.token").read_text().strip())
+
+    clean = verify(result, reader, sessions_closed=False)
+    assert clean["ok"], clean
+    assert clean["accepted"] > 500 and clean["rejected"] > 0
+
+    report = build(result, clean, None, "loadtest")
+    phase = report["phases"][0]
+    assert phase["accepted_events"] > 500 and phase["ack_latency"]["count"] == len(result.outcomes)
+    assert phase["event_to_saved"]["count"] > 0  # followed on event:saved
+    assert phase["service_cpu"]["max"] > 0 and phase["service_rss_mb"]["max"] > 50
+    assert "RESULT: PASS" in table(report)
+
+    # Now ClickHouse loses one acknowledged event, doubles another, and holds a refused one.
+    tracks = _ids(result, "o", (200,))
+    lost, doubled = tracks[3], tracks[7]
+    refused = _ids(result, "x", (400,))[0]  # an invalid message of a batch answered 400
+    service.query(f"DELETE FROM evactors.events WHERE message_id = '{lost}'")
+    service.query(f"INSERT INTO evactors.events SELECT * FROM evactors.events WHERE message_id = '{doubled}' "
+                  "SETTINGS insert_deduplicate = 0")
+    service.query(f"INSERT INTO evactors.events SELECT * REPLACE ('{refused}' AS message_id) FROM "  # (a subquery:
+                  f"(SELECT * FROM evactors.events WHERE message_id = '{tracks[9]}') "  # the alias would shadow)
+                  "SETTINGS insert_deduplicate = 0")
+    broken = verify(result, reader, sessions_closed=False)
+    assert not broken["ok"]
+    assert _failed(broken) == {"accepted events stored (none missing)": [lost],
+                               "stored once (none doubled)": [doubled],
+                               "rejected events not stored": [refused]}
+    text = table(build(result, broken, None, "loadtest"))
+    assert "RESULT: FAIL" in text and lost in text
+
+    # The command line on the same service: its own run id, so the rows above do not count.
+    proc = subprocess.run(
+        [str(BIN), "loadtest", "--url", service.url, "--write-key", "key-a", "--project", "project-a",
+         "--data-dir", str(service.data_dir), "--rate", "800", "--duration", "2", "--connections", "4",
+         "--senders", "1", "--report-dir", str(tmp_path / "cli"), "--json", "--no-progress"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    cli = json.loads(proc.stdout)
+    assert cli["verification"]["ok"] and cli["verification"]["accepted"] > 100
+    assert cli["run_id"] != result.opts.run_id and (tmp_path / "cli" / "chart.png").exists()
+
+
+def test_answers_decide_what_is_expected() -> None:
+    """From the answers alone: a 200 stores all, a 400 invalid_events all but the refused
+    indices, a 503 after the last retry nothing, no answer at most once, a malformed body
+    nothing; a duplicate is expected once, in the table of its first send."""
+    t = Traffic()
+    for body, kinds, ids, flag in ((b"{}", "ovb", ("a", "b", "c"), PLAIN),
+                                   (b"{}", "oxo", ("d", "e", "f"), PLAIN),
+                                   (b"{}", "oo", ("g", "h"), PLAIN),
+                                   (b"{}", "od", ("i", "a"), PLAIN),
+                                   (b"{}", "o", ("j",), MALFORMED)):
+        t.bodies.append(body)
+        t.kinds.append(kinds)
+        t.ids.append(ids)
+        t.flags.append(flag)
+        t.messages.append(len(ids))
+    opts = Options(url="", write_key="k", phases=[Phase(1, 1)], run_id="x")
+    outcomes = {0: (200, 1, None), 1: (400, 1, [1]), 2: (503, 6, None), 3: (ERROR, 6, None), 4: (400, 1, None)}
+    result = RunResult(opts, t, 0.0, [0.0], [], {}, outcomes, None, Counter(), [])  # type: ignore[arg-type]
+    exp = expectations(result)
+    assert exp.accepted == {"a", "b", "c", "d", "f"}
+    assert {m: exp.table[m] for m in exp.accepted} == {"a": "events", "b": "events", "c": "events_bots",
+                                                       "d": "events", "f": "events"}
+    assert exp.unknown == {"i"}
+    assert exp.rejected() == {"e", "g", "h", "j"}
+    assert not exp.findings
+
+    outcomes[1] = (400, 1, [0])  # the service refused a valid message and kept the invalid one
+    assert set(expectations(result).findings) == {"validation disagrees with the generator"}
+
+
+def test_bench_runs_end_to_end(tmp_path: Path) -> None:
+    report_dir = tmp_path / "bench"
+    proc = subprocess.run(
+        [str(BIN), "bench", "--phase", "1200:3", "--phase", "max:2", "--max-events", "12000", "--connections", "6",
+         "--senders", "1", "--report-dir", str(report_dir), "--json", "--no-progress"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    report = json.loads(proc.stdout)
+    assert json.loads((report_dir / "report.json").read_text())["run_id"] == report["run_id"]
+    assert (report_dir / "chart.png").stat().st_size > 10_000
+    assert not (report_dir / "data").exists()  # the fresh data dir is removed afterwards
+    checks = {c["check"]: c for c in report["verification"]["checks"]}
+    assert all(c["ok"] for c in checks.values()), checks
+    sessions = checks["sessions match the oracle"]
+    assert not sessions.get("skipped") and "0 difference(s)" in sessions["detail"]
+    assert [p["phase"] for p in report["phases"]] == ["1200/s", "max"]
+    assert all(p["accepted_events"] > 0 and p["ack_latency"]["count"] > 0 for p in report["phases"])
+    assert report["service_exit"] == 0
+    floor = report["floor"]
+    assert floor["stored"] == floor["events"] > 1000 and floor["events_per_s"] > 0
+    assert 0 < floor["service_ratio"]
