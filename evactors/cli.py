@@ -109,13 +109,8 @@ def query_sql(config: cfg.Config, sql: str) -> tuple[list[str], list[list[Any]]]
     if not config.clickhouse.dsn:
         info = _running_service(data_dir)
         if info is not None:
-            token = (data_dir / "admin.token").read_text().strip()
-            request = urllib.request.Request(
-                info["url"].rstrip("/") + "/admin/query", data=sql.encode(), method="POST",
-                headers={"Authorization": f"Bearer {token}"})
             try:
-                with urllib.request.urlopen(request, timeout=120) as response:
-                    body = json.loads(response.read())
+                body = _admin(info, data_dir, "/admin/query", sql.encode(), timeout=120)
             except urllib.error.HTTPError as e:
                 raise RuntimeError(json.loads(e.read()).get("message", str(e))) from None
             return body["columns"], body["rows"]
@@ -143,11 +138,14 @@ def cmd_query(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _admin_get(info: dict[str, Any], data_dir: Path, path: str) -> Any:
+def _admin(info: dict[str, Any], data_dir: Path, path: str, data: bytes | None = None,
+           timeout: float = 30) -> Any:
+    """A call to the running service's admin API (GET, or POST with ``data``): its JSON."""
     token = (data_dir / "admin.token").read_text().strip()
-    request = urllib.request.Request(info["url"].rstrip("/") + path,
+    request = urllib.request.Request(info["url"].rstrip("/") + path, data=data,
+                                     method="GET" if data is None else "POST",
                                      headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(request, timeout=30) as response:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
 
 
@@ -174,14 +172,9 @@ def cmd_remap(args: argparse.Namespace) -> int:
                 print(f"{args.file}:{n}: expected 'old,new', got {row!r}", file=sys.stderr)
                 return EXIT_CONFIG
             pairs.append([row[0].strip(), row[1].strip()])
-    token = (config.data_path / "admin.token").read_text().strip()
-    request = urllib.request.Request(
-        info["url"].rstrip("/") + "/admin/remap", method="POST",
-        data=json.dumps({"project": args.project, "pairs": pairs}).encode(),
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    body = json.dumps({"project": args.project, "pairs": pairs}).encode()
     try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            result = json.loads(response.read())
+        result = _admin(info, config.data_path, "/admin/remap", body, timeout=120)
     except urllib.error.HTTPError as e:
         print(f"remap refused: {json.loads(e.read()).get('message', e)}", file=sys.stderr)
         return EXIT_FATAL
@@ -199,7 +192,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"evactors is not running on {config.data_path}", file=sys.stderr)
         return 3
     try:
-        status = _admin_get(info, config.data_path, "/admin/status")
+        status = _admin(info, config.data_path, "/admin/status")
     except (OSError, ValueError) as e:
         print(f"evactors (pid {info['pid']}) does not answer: {e}", file=sys.stderr)
         return EXIT_FATAL
