@@ -9,7 +9,6 @@ Redis as msgpack arrays.
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime
 from hashlib import blake2b
 from typing import Any
@@ -222,9 +221,6 @@ class BotRow(msgspec.Struct, array_like=True, gc=False):
     message_id: str
 
 
-_EVENT_NS = uuid.UUID("6f1c1f9e-3b0a-4d3e-9a57-0c9bb1f0e7a1")
-
-
 def event_id(project_id: str, message_id: str) -> str:
     """Deterministic row id: the same message always becomes the same row id. A 128-bit
     BLAKE2b of (project, messageId) in UUID form: 5× cheaper than ``uuid5``."""
@@ -233,8 +229,9 @@ def event_id(project_id: str, message_id: str) -> str:
 
 
 def session_id(project_id: str, device_id: str, start_ms: int) -> str:
-    """Stable, derived session id: same (project, device, start) → same id."""
-    return str(uuid.uuid5(_EVENT_NS, f"s\x00{project_id}\x00{device_id}\x00{start_ms}"))
+    """Stable, derived session id: same (project, device, start) → same id (BLAKE2b, as
+    ``event_id``; sessions opened before 0.2 keep the UUIDv5 they were given)."""
+    return event_id(project_id, f"s\x00{device_id}\x00{start_ms}")
 
 
 def flatten(value: dict[str, Any], prefix: str = "", out: dict[str, str] | None = None,

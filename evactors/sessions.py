@@ -42,6 +42,9 @@ log = logging.getLogger("evactors.sessions")
 YEAR = 365 * 24 * 3600
 SWEEP_LIMIT = 500
 ALIAS_HOPS = 4  # alias chains longer than this resolve to where the walk stopped
+# Held screen views per session at most: past it the oldest is saved although a late view
+# could still fall before its successor (a burst of views keeps the state bounded).
+MAX_HELD_VIEWS = 8
 REANONYMIZED = "re-anonymized"
 
 
@@ -152,15 +155,19 @@ for i = 4 + nd, 3 + nd + na do
   redis.call('SET', KEYS[i], ARGV[a], 'EX', ARGV[2])
   a = a + 1
 end
+local adds, removes = {}, {}
 for i = 4 + nd + na, #KEYS do
   redis.call('SET', KEYS[i], ARGV[a], 'EX', ARGV[2])
   if ARGV[a + 1] == '' then
-    redis.call('ZREM', KEYS[3], KEYS[i])
+    removes[#removes + 1] = KEYS[i]
   else
-    redis.call('ZADD', KEYS[3], ARGV[a + 1], KEYS[i])
+    adds[#adds + 1] = ARGV[a + 1]
+    adds[#adds + 1] = KEYS[i]
   end
   a = a + 2
 end
+if #adds > 0 then redis.call('ZADD', KEYS[3], unpack(adds)) end
+if #removes > 0 then redis.call('ZREM', KEYS[3], unpack(removes)) end
 local rows = tonumber(ARGV[4])
 if rows > 0 then
   redis.call('XADD', KEYS[1], '*', 'n', ARGV[4], 'd', ARGV[5])
@@ -418,7 +425,7 @@ class SessionShard:
         if not s.earlier:
             return
         views, horizon = s.held(), s.last - self.lateness_ms
-        while len(views) >= 2 and views[1].created_at < horizon:
+        while len(views) >= 2 and (views[1].created_at < horizon or len(views) > MAX_HELD_VIEWS):
             view = s.restore(views.pop(0), project, device)
             view.duration = views[0].created_at - view.created_at
             commit.events.append(view)
@@ -534,7 +541,7 @@ class SessionShard:
 async def session_actor(shard: SessionShard, inbox: trio.MemoryReceiveChannel[ShardBatch],
                         done: trio.MemorySendChannel[list[Receipt]],
                         notices: trio.MemorySendChannel[Notice], sweep_every: float,
-                        replayed: trio.Event, max_events: int = 2000,
+                        replayed: trio.Event, max_events: int = 500,
                         close_on_shutdown: bool = False) -> None:
     """Receive shard batches (coalescing what is queued), commit them, report receipts.
     Sweeps wait for the start-up replay: events a previous run accepted may continue

@@ -334,3 +334,13 @@ async def test_a_straggling_identify_still_upserts_its_profile(shard: SessionSha
     await feed(shard, incoming("identify", T0 + 1 * MIN, user_id="u-late"))  # a closed session's
     profiles = rows(buffered(shard), "profiles")
     assert [(p.profile_id, p.anonymous_id, p.updated_at) for p in profiles] == [("u-late", "d1", T0 + MIN)]
+
+
+async def test_a_burst_of_views_holds_at_most_eight(shard: SessionShard) -> None:
+    from evactors.sessions import MAX_HELD_VIEWS, _decode_state
+
+    await feed(shard, *[incoming("page", T0 + i * 1000, properties={"path": f"/{i}"}) for i in range(12)])
+    saved = [(e.path, e.duration) for e in rows(buffered(shard))]
+    assert saved == [(f"/{i}", 1000) for i in range(12 - MAX_HELD_VIEWS)]
+    state = _decode_state(shard.redis.client.get(shard.state_key("p", "d1")))
+    assert len(state.session.held()) == MAX_HELD_VIEWS == 8
