@@ -227,17 +227,26 @@ def _redis_client(config: cfg.Config) -> Any:
     return client
 
 
-def cmd_dead_letter(args: argparse.Namespace) -> int:
-    from .deadletter import list_entries, replay
+def _service_redis(args: argparse.Namespace) -> tuple[cfg.Config, Any, Any] | None:
+    """The configuration, its Redis keys and a client of the service's Redis (None, said on
+    stderr, when that Redis is not there)."""
     from .redis_io import Keys
 
     config = load_config(args)
-    keys = Keys(config.redis.key_prefix)
     try:
-        client = _redis_client(config)
+        return config, Keys(config.redis.key_prefix), _redis_client(config)
     except RuntimeError as e:
         print(f"evactors: {e}", file=sys.stderr)
+        return None
+
+
+def cmd_dead_letter(args: argparse.Namespace) -> int:
+    from .deadletter import list_entries, replay
+
+    found = _service_redis(args)
+    if found is None:
         return EXIT_FATAL
+    _config, keys, client = found
     if args.action == "list":
         entries = list_entries(client, keys, args.limit)
         if args.format == "json":
@@ -262,15 +271,11 @@ def cmd_live(args: argparse.Namespace) -> int:
 
     from .cleanup import backlog_sizes
     from .publisher import last_screen_view, live_visitors
-    from .redis_io import Keys
 
-    config = load_config(args)
-    keys = Keys(config.redis.key_prefix)
-    try:
-        client = _redis_client(config)
-    except RuntimeError as e:
-        print(f"evactors: {e}", file=sys.stderr)
+    found = _service_redis(args)
+    if found is None:
         return EXIT_FATAL
+    config, keys, client = found
     shards = int(client.hget(keys.meta, "session_shards") or config.pipeline.session_shards)
     out: dict[str, Any] = {"project": args.project,
                            "live_visitors": live_visitors(client, keys, args.project),
