@@ -308,7 +308,7 @@ def cmd_live(args: argparse.Namespace) -> int:
 
 REPORT_SQL = """
 SELECT day, users AS active_users, events, page_views FROM
-  (SELECT day, uniqMerge(users) AS users FROM {db}.daily_active_users
+  (SELECT day, uniqExactMerge(users) AS users FROM {db}.daily_active_users
    WHERE project_id = {project:String} AND day > today() - {days:UInt32} GROUP BY day) AS u
 FULL OUTER JOIN
   (SELECT day, sum(events) AS events FROM {db}.daily_events

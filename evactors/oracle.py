@@ -50,7 +50,7 @@ SQL_DAILY_EVENTS = ("SELECT toString(day) AS day, name, sum(events) AS events FR
                     "WHERE project_id = '{project}' GROUP BY day, name")
 SQL_DAILY_PAGE_VIEWS = ("SELECT toString(day) AS day, path, sum(views) AS views FROM evactors.daily_page_views "
                         "WHERE project_id = '{project}' GROUP BY day, path")
-SQL_DAU = ("SELECT toString(day) AS day, uniqMerge(users) AS users FROM evactors.daily_active_users "
+SQL_DAU = ("SELECT toString(day) AS day, uniqExactMerge(users) AS users FROM evactors.daily_active_users "
            "WHERE project_id = '{project}' GROUP BY day")
 SQL_BOTS = "SELECT message_id FROM evactors.events_bots WHERE project_id = '{project}'"
 

@@ -417,7 +417,7 @@ SQL_SMALL = " UNION ALL ".join((
     f"{_NO_MAP} AS m FROM evactors.daily_events WHERE project_id = '{{project}}' GROUP BY day, name",
     f"SELECT 'daily_page_views', toString(day), path, toUInt64(sum(views)), {_NO_MAP} "
     "FROM evactors.daily_page_views WHERE project_id = '{project}' GROUP BY day, path",
-    f"SELECT 'dau', toString(day), '', toUInt64(uniqMerge(users)), {_NO_MAP} "
+    f"SELECT 'dau', toString(day), '', toUInt64(uniqExactMerge(users)), {_NO_MAP} "
     "FROM evactors.daily_active_users WHERE project_id = '{project}' GROUP BY day",
     f"SELECT 'bots', message_id, '', 0, {_NO_MAP} FROM evactors.events_bots WHERE project_id = '{{project}}'",
     "SELECT 'profiles', profile_id, '', 0, traits FROM evactors.profiles_merged WHERE project_id = '{project}'"))

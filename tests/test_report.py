@@ -26,7 +26,7 @@ def test_daily_aggregates_and_the_report(service: Service) -> None:
     # its held /signup view is released with a session_end
     service.wait_rows("SELECT 1 FROM evactors.events", 11)
     days = {str(r["day"])[:10]: r for r in service.query(
-        "SELECT day, uniqMerge(users) AS users FROM evactors.daily_active_users "
+        "SELECT day, uniqExactMerge(users) AS users FROM evactors.daily_active_users "
         "WHERE project_id = 'project-a' GROUP BY day")}
     assert {d: r["users"] for d, r in days.items()} == {
         str(now.date()): 2, str(yesterday.date()): 1}
