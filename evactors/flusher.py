@@ -72,7 +72,8 @@ return plan
 def _decode_chunk(entries: list[Any]) -> tuple[dict[str, list[Any]], list[tuple[Any, Any, Exception]]]:
     """The rows of a chunk's buffer entries, per table; and the entries that cannot be
     decoded (for the dead-letter stream), with why."""
-    blocks, bad = [], []
+    blocks: list[Any] = []
+    bad: list[tuple[Any, Any, Exception]] = []
     for entry_id, fields in entries:
         try:
             blocks.append(decode_block(fields[b"d"]))

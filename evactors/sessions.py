@@ -444,7 +444,7 @@ class SessionShard:
         if source is not None:
             row.path, row.origin = source.path, source.origin
             row.properties["__inherit_from"] = (
-                source.id if type(source) is ViewRef else event_id(row.project_id, source.message_id))
+                source.id if isinstance(source, ViewRef) else event_id(row.project_id, source.message_id))
 
     def _remap(self, state: UserState, source: UserState) -> None:
         """The new id continues the old one: its count, its profile; the session that
@@ -477,17 +477,17 @@ class SessionShard:
         items = sorted(items, key=lambda e: e.row.created_at)
         keys = self.keys
         dedup_keys = [keys.dedup(self.shard, e.row.project_id, e.row.message_id) for e in items]
-        events = [e for e in items if type(e.row) is EventRow]
-        state_keys = list(dict.fromkeys(self.state_key(e.row.project_id, e.row.device_id) for e in events))
+        events = [(e.row, e.incoming) for e in items if isinstance(e.row, EventRow)]
+        state_keys = list(dict.fromkeys(self.state_key(row.project_id, row.device_id) for row, _ in events))
         ids: dict[Link, None] = {}
         source_keys: list[str] = []
-        for e in events:
-            project = e.row.project_id
-            ids[project, e.row.device_id] = None
-            if e.row.profile_id:
-                ids[project, e.row.profile_id] = None
-            if e.row.type == "remap":
-                source_keys.append(self._foreign_state_key(project, e.incoming.previous_id))
+        for row, incoming in events:
+            project = row.project_id
+            ids[project, row.device_id] = None
+            if row.profile_id:
+                ids[project, row.profile_id] = None
+            if row.type == "remap":
+                source_keys.append(self._foreign_state_key(project, incoming.previous_id))
         loaded = await self._load(dedup_keys, state_keys, list(ids), source_keys)
         states, links = loaded.states, loaded.links
         commit = Commit()
@@ -499,10 +499,10 @@ class SessionShard:
                 continue
             fresh.add(dedup_key)
             commit.dedup_keys.append(dedup_key)
-            row = item.row
-            if isinstance(row, BotRow):  # kept aside: deduplicated, not sessionized
-                commit.bots.append(row)
+            if isinstance(item.row, BotRow):  # kept aside: deduplicated, not sessionized
+                commit.bots.append(item.row)
                 continue
+            row = item.row
             key = self.state_key(row.project_id, row.device_id)
             if row.type == "remap":
                 source = loaded.sources[self._foreign_state_key(row.project_id, item.incoming.previous_id)]
