@@ -281,8 +281,8 @@ class Oracle:
             arrived.append((parse_time(msg["timestamp"]), msg))
         # one request is one unit of work: applied in event-time order
         arrived.sort(key=lambda a: a[0])
-        for t, msg in arrived:
-            self.event(msg, t)
+        for t, message in arrived:
+            self.event(message, t)
 
     def feed_all(self, items: Iterable[Request | Remap]) -> Oracle:
         for item in items:
@@ -505,9 +505,9 @@ def compare(expected: Expected, events_rows: Sequence[Mapping[str, Any]],
     # sessions: the rows of one expected session share one id, which names its sessions row
     session_ids: dict[tuple[str, int], set[str]] = {}
     for mid, e in expected.events.items():
-        r = by_mid.get(mid)
-        if r is None:
+        if mid not in by_mid:
             continue
+        r = by_mid[mid]
         where = f"event {mid} ({e.name} of {e.device} at {_iso(e.created_at)})"
 
         def check(what: str, got: Any, want: Any, where: str = where) -> None:
@@ -543,9 +543,9 @@ def compare(expected: Expected, events_rows: Sequence[Mapping[str, Any]],
                 check(col, r[col], want)
 
     for mid, e in expected.events.items():
-        r = by_mid.get(mid)
-        if r is None or e.closed_session is None:
+        if mid not in by_mid or e.closed_session is None:
             continue
+        r = by_mid[mid]
         ids = session_ids.get(e.closed_session, set()) if e.closed_session[0] else {""}
         if len(ids) == 1 and r["session_id"] not in ids:
             want = f"that of its closed session from {_iso(e.closed_session[1])}" if e.closed_session[0] else "none"
@@ -635,9 +635,9 @@ def compare(expected: Expected, events_rows: Sequence[Mapping[str, Any]],
             got_profiles = {p: t for p, t in got_profiles.items() if p in expected.profiles}
         for p in sorted(set(got_profiles) | set(expected.profiles)):
             # a profile known only from an alias (no identify) may be there with no traits
-            got, want = got_profiles.get(p) or None, expected.profiles.get(p) or None
-            if got != want:
-                d.add(f"profile {p}: traits {got!r}, expected {want!r}")
+            got_traits, want_traits = got_profiles.get(p) or None, expected.profiles.get(p) or None
+            if got_traits != want_traits:
+                d.add(f"profile {p}: traits {got_traits!r}, expected {want_traits!r}")
 
     def counts(name: str, rows_: Sequence[Mapping[str, Any]] | None, keys: tuple[str, ...], value: str,
                want: Mapping[Any, int]) -> None:
