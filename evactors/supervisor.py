@@ -400,6 +400,9 @@ async def _serve(config: Config, redis: RedisIO, clickhouse: ClickHouse, geoip: 
                 actors.start_soon(functools.partial(sup.supervise, "replayer", replayer, replay,
                                                     shutdown, replayed, closes=(replay_tx,)))
                 to_enrich_tx.close()
+                # What an earlier run accepted goes into the pipeline before anything new:
+                # a visitor's events then reach their session in the order they came.
+                await replayed.wait()
                 binds = await actors.start(serve_http)
                 info = {"pid": os.getpid(), "url": binds[0] if binds else "",
                         "data_dir": str(data_dir), "write_key": generated_key}
