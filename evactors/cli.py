@@ -149,14 +149,22 @@ def _admin(info: dict[str, Any], data_dir: Path, path: str, data: bytes | None =
         return json.loads(response.read())
 
 
+def _running_or_say(config: cfg.Config, hint: str = "") -> dict[str, Any] | None:
+    """The running service of this data dir, or None, said on stderr (the caller exits 3,
+    as ``systemctl status`` does for an inactive unit)."""
+    info = _running_service(config.data_path)
+    if info is None:
+        print(f"evactors is not running on {config.data_path}{hint}", file=sys.stderr)
+    return info
+
+
 def cmd_remap(args: argparse.Namespace) -> int:
     """Re-map anonymous ids (old → new) through the running service: each pair becomes an
     entry of the ingest stream, so it is durable and ordered with the traffic. Sessions
     that start only because of it carry reason 're-anonymized'."""
     config = load_config(args)
-    info = _running_service(config.data_path)
+    info = _running_or_say(config, ": start it first")
     if info is None:
-        print(f"evactors is not running on {config.data_path}: start it first", file=sys.stderr)
         return 3
     try:
         source = sys.stdin if args.file == "-" else open(args.file, newline="")
@@ -178,6 +186,10 @@ def cmd_remap(args: argparse.Namespace) -> int:
     except urllib.error.HTTPError as e:
         print(f"remap refused: {json.loads(e.read()).get('message', e)}", file=sys.stderr)
         return EXIT_FATAL
+    except OSError as e:  # it stopped meanwhile: nothing was (or all was) taken, say so
+        print(f"evactors (pid {info['pid']}) does not answer: {e}; run the remap again "
+              "(a pair applied twice changes nothing)", file=sys.stderr)
+        return EXIT_FATAL
     print(f"{result['remapped']} id(s) re-mapped in {args.project}"
           + (f", {result['skipped']} skipped (empty or unchanged)" if result["skipped"] else ""))
     return EXIT_OK
@@ -187,9 +199,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Exit 0 with the state of a running service; 3 when none runs on this data dir
     (as ``systemctl status`` does for an inactive unit)."""
     config = load_config(args)
-    info = _running_service(config.data_path)
+    info = _running_or_say(config)
     if info is None:
-        print(f"evactors is not running on {config.data_path}", file=sys.stderr)
         return 3
     try:
         status = _admin(info, config.data_path, "/admin/status")

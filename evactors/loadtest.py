@@ -629,7 +629,10 @@ class Monitor:
         s["machine_cpu"] = round(self.psutil.cpu_percent(None) / 100 * (os.cpu_count() or 1), 3)
         s["redis_used_mb"] = s["backlog"] = None
         if self.redis is not None:
-            try:
+            import redis
+
+            # the service (and its Valkey) may be stopping: then a gap in the timeline (None)
+            with contextlib.suppress(redis.RedisError, OSError):
                 pipe = self.redis.pipeline(transaction=False)
                 pipe.info("memory")
                 pipe.get(f"{self.keys_prefix}:in:n")
@@ -638,8 +641,6 @@ class Monitor:
                 info, *counts = pipe.execute()
                 s["redis_used_mb"] = round(info["used_memory"] / 2**20, 1)
                 s["backlog"] = sum(int(c or 0) for c in counts)
-            except Exception:
-                pass  # the service (and its Valkey) may be stopping
         self.samples.append(s)
         return s
 
