@@ -100,6 +100,10 @@ class PipelineConfig(_Section):
     session_shards: Annotated[int, Doc(
         "Session actors; each owns the (project, anonymous id) keys that hash to it. Recorded in "
         "Redis at first start: it cannot change while that data exists.")] = 4
+    session_workers: Annotated[int, Doc(
+        "Child processes that run the session shards (worker w owns shards w, w + W, …), so "
+        "sessionizing runs beside parsing and enrichment on another core. 0: in the service's "
+        "own process. More workers than shards are not started.")] = 1
     channel_batches: Annotated[int, Doc("Capacity, in batches, of each channel between actors.")] = 8
     dedup_window_seconds: Annotated[int, Doc(
         "Window of deduplication on messageId, in seconds (Segment: 24 h).")] = 24 * 3600
@@ -329,6 +333,8 @@ def validate(c: Config) -> None:
         ("supervisor.drain_seconds", c.supervisor.drain_seconds),
     ]:
         _positive(key, value)
+    if c.pipeline.session_workers < 0:
+        raise ConfigError("pipeline.session_workers", "expected 0 (in process) or more")
     if c.supervisor.max_restarts < 0:
         raise ConfigError("supervisor.max_restarts", "expected 0 or more")
     if c.redis.url and not c.redis.url.startswith(("redis://", "rediss://", "unix://", "valkey://")):

@@ -596,6 +596,18 @@ class Monitor:
         self.last_t = 0.0
         psutil.cpu_percent(None)
 
+    def _workers(self) -> list[Any]:
+        """The service's own child processes (session workers), its Valkey apart: part of
+        the service's CPU and memory. Looked up each time: a restarted worker is new."""
+        if self.service is None:
+            return []
+        try:
+            children = self.service.children()
+        except self.psutil.Error:
+            return []
+        valkey = self.valkey.pid if self.valkey is not None else None
+        return [c for c in children if c.pid != valkey]
+
     def _cpu(self, proc: Any) -> float:
         """CPU seconds the process used since the last sample (0 once it ended)."""
         try:
@@ -615,17 +627,20 @@ class Monitor:
         def cores(used: float) -> float | None:
             return round(used / elapsed, 3) if elapsed else None
 
-        for name, proc in (("service", self.service), ("valkey", self.valkey)):
-            s[f"{name}_cpu"] = cores(self._cpu(proc)) if proc is not None else None
+        workers = self._workers()
+        main_cpu = self._cpu(self.service) if self.service is not None else None
+        s["service_main_cpu"] = cores(main_cpu) if main_cpu is not None else None
+        s["service_cpu"] = cores(main_cpu + sum(self._cpu(w) for w in workers)) if main_cpu is not None else None
+        s["valkey_cpu"] = cores(self._cpu(self.valkey)) if self.valkey is not None else None
         harness = {name: self._cpu(proc) for name, proc in self.harness.items()}
         s["harness_cpu"] = cores(sum(harness.values()))
         for name, used in harness.items():
             s[f"harness_{name}_cpu"] = cores(used)
-        for name, proc in (("service", self.service), ("valkey", self.valkey)):
+        for name, procs in (("service", [self.service, *workers]), ("valkey", [self.valkey])):
             s[f"{name}_rss_mb"] = None
-            if proc is not None:
+            if procs[0] is not None:
                 with contextlib.suppress(self.psutil.Error):
-                    s[f"{name}_rss_mb"] = round(proc.memory_info().rss / 2**20, 1)
+                    s[f"{name}_rss_mb"] = round(sum(p.memory_info().rss for p in procs if p) / 2**20, 1)
         s["machine_cpu"] = round(self.psutil.cpu_percent(None) / 100 * (os.cpu_count() or 1), 3)
         s["redis_used_mb"] = s["backlog"] = None
         if self.redis is not None:

@@ -115,6 +115,8 @@ def build(result: RunResult, verification: dict[str, Any] | None, floor: dict[st
             "ack_latency": percentiles(stats.ack), "event_to_saved": percentiles(stats.e2s),
             "screen_view_to_saved": percentiles(stats.e2s_views),
             "service_cpu": _stats([m["service_cpu"] for m in window if m.get("service_cpu") is not None]),
+            "service_main_cpu": _stats([m["service_main_cpu"] for m in window
+                                        if m.get("service_main_cpu") is not None]),
             "valkey_cpu": _stats([m["valkey_cpu"] for m in window if m.get("valkey_cpu") is not None]),
             "service_rss_mb": {"start": svc_rss[0][1], "end": svc_rss[-1][1], "max": max(v for _, v in svc_rss),
                                "slope_mb_per_min": _slope_per_minute(svc_rss)} if svc_rss else {},
@@ -259,6 +261,8 @@ def table(report: dict[str, Any]) -> str:
             _fmt(p[key].get(k)) for k in ("p50_ms", "p99_ms", "p99_9_ms")))
         add(f"{name} max ms", lambda p, key=key: _fmt(p[key].get("max_ms")))
     add("service CPU mean / max (cores)", lambda p: " / ".join(_fmt(p["service_cpu"].get(k)) for k in ("mean", "max")))
+    add("  of it the main process (cores)", lambda p: " / ".join(
+        _fmt(p.get("service_main_cpu", {}).get(k)) for k in ("mean", "max")))
     add("valkey CPU mean / max (cores)", lambda p: " / ".join(_fmt(p["valkey_cpu"].get(k)) for k in ("mean", "max")))
     add("service RSS start / end / max MB", lambda p: " / ".join(
         _fmt(p["service_rss_mb"].get(k)) for k in ("start", "end", "max")))

@@ -31,17 +31,25 @@ CHANNELS = ("event:received", "event:saved")
 _COLUMNS = TABLES["events"][1]
 _encode = msgspec.json.Encoder().encode
 
-# KEYS: last-view key. ARGV: the view's created_at, its JSON, ttl. Kept unless older.
-SET_LAST_VIEW = """
-local old = redis.call('GET', KEYS[1])
-if old then
-  local ok, view = pcall(cjson.decode, old)
-  if ok and type(view) == 'table' and tonumber(view.created_at) and tonumber(view.created_at) > tonumber(ARGV[1]) then
-    return 0
+# KEYS: last-view keys. ARGV: ttl, then per key the view's created_at and its JSON. Each is
+# kept unless the stored view is newer. One call per batch of notices, however many views.
+SET_LAST_VIEWS = """
+local written = 0
+for i = 1, #KEYS do
+  local at = tonumber(ARGV[2 * i])
+  local old = redis.call('GET', KEYS[i])
+  local newer = false
+  if old then
+    local ok, view = pcall(cjson.decode, old)
+    newer = ok and type(view) == 'table' and tonumber(view.created_at) ~= nil
+            and tonumber(view.created_at) > at
+  end
+  if not newer then
+    redis.call('SET', KEYS[i], ARGV[2 * i + 1], 'EX', ARGV[1])
+    written = written + 1
   end
 end
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-return 1
+return written
 """
 
 
@@ -51,7 +59,7 @@ class Publisher:
         self.keys = keys
         self.subscribers: dict[str, int] = {c: 1 for c in CHANNELS}
         self._checked = 0.0
-        self.set_last_view = redis.client.register_script(SET_LAST_VIEW)
+        self.set_last_views = redis.client.register_script(SET_LAST_VIEWS)
 
     async def _refresh_subscribers(self) -> None:
         if time.monotonic() - self._checked < 1.0:
@@ -64,7 +72,7 @@ class Publisher:
         await self._refresh_subscribers()
         now = int(time.time() * 1000)
         live: dict[str, dict[str, int]] = {}
-        last_views: dict[str, EventRow] = {}
+        last_views: dict[str, dict[str, EventRow]] = {}  # project → key → view
         messages: list[tuple[str, bytes]] = []
         for notice in notices:
             if notice.rows and self.subscribers.get(notice.channel):
@@ -78,15 +86,18 @@ class Publisher:
                 live.setdefault(row.project_id, {})[visitor] = now
                 if row.name == "screen_view":
                     key = self.keys.last_screen_view(row.project_id, visitor)
-                    if key not in last_views or row.created_at >= last_views[key].created_at:
-                        last_views[key] = row
+                    views = last_views.setdefault(row.project_id, {})
+                    if key not in views or row.created_at >= views[key].created_at:
+                        views[key] = row
 
         def build(p: Any) -> None:
             for channel, payload in messages:
                 p.publish(channel, payload)
-            for key, row in last_views.items():
-                self.set_last_view(keys=[key], client=p, args=[
-                    row.created_at, _encode(msgspec.structs.asdict(row)), LAST_SCREEN_VIEW_TTL])
+            for views in last_views.values():  # one script per project (one slot)
+                args: list[Any] = [LAST_SCREEN_VIEW_TTL]
+                for row in views.values():
+                    args += [row.created_at, _encode(msgspec.structs.asdict(row))]
+                self.set_last_views(keys=list(views), client=p, args=args)
             for project, members in live.items():
                 p.zadd(self.keys.live(project), members)
                 p.zremrangebyscore(self.keys.live(project), "-inf", now - LIVE_WINDOW_MS)

@@ -81,7 +81,8 @@ class Keys:
         return f"{self.prefix}:live:{project}"  # zset: profile → last seen (ms)
 
     def last_screen_view(self, project: str, profile: str) -> str:
-        return f"{self.prefix}:lastsv:{project}:{profile}"
+        # a project's last views share a slot: the publisher writes them in one script
+        return f"{self.prefix}:lastsv:{{{project}}}:{profile}"
 
 
 class RedisIO:

@@ -578,9 +578,12 @@ async def session_actor(shard: SessionShard, inbox: trio.MemoryReceiveChannel[Sh
                 finished.append(receipt)
         if finished:
             await done.send(finished)
-        # Held screen views are not saved yet, but they make their visitor live.
+        # Held screen views are not saved yet, but they make their visitor live: announced
+        # once, as they arrive (a view held over several units is not announced again).
+        arrived = {e.row.message_id for e in items if e.row.name == "screen_view"}
         held = [st.session.restore(msgspec.structs.replace(v), *_ids(key))
-                for key, st in commit.states.items() if st.session is not None for v in st.session.held()]
+                for key, st in commit.states.items() if st.session is not None
+                for v in st.session.held() if v.message_id in arrived] if arrived else []
         if commit.events or held:
             try:
                 notices.send_nowait(Notice("event:received", commit.events, held=held))

@@ -7,6 +7,9 @@
                                                  flusher ◄── Redis buffer ─► ClickHouse
               session/flusher ─[Notice]─► publisher ─► pub/sub, live keys
 
+With ``pipeline.session_workers`` (default 1) the session actors run in child processes
+(``session_worker``): a link actor per worker takes their place here, with their channels.
+
 Every actor runs under ``supervise``: an exception restarts it with exponential backoff,
 too many within a window stops the service (exit 1). Channel ends belong to the
 supervisor, which closes an actor's outgoing ends only when the actor is finished for
@@ -56,6 +59,7 @@ from .publisher import LIVE_WINDOW_MS, Publisher, publisher
 from .redis_io import TRANSIENT, DataDirLock, EmbeddedValkey, Keys, RedisIO
 from .replay import InFlight, Replayer, replayer
 from .sdnotify import Notifier
+from .session_worker import WorkerParams, worker_link
 from .sessions import SessionShard, session_actor
 from .useragent import UserAgentParser
 
@@ -205,6 +209,19 @@ async def run(config: Config, ready: Callable[[dict[str, Any]], None] | None = N
                             wait_aof, generated, data_dir, ready, reload_config, embedded)
         return code
     return EXIT_OK  # pragma: no cover (the ExitStack does not swallow)
+
+
+def _worker_params(config: Config, redis_url: str, index: int, workers: int) -> WorkerParams:
+    pipe = config.pipeline
+    return WorkerParams(
+        redis_url=redis_url, redis_timeout=config.redis.timeout_seconds,
+        key_prefix=config.redis.key_prefix,
+        shards=[s for s in range(pipe.session_shards) if s % workers == index],
+        shard_count=pipe.session_shards, timeout_s=pipe.session_timeout_seconds,
+        dedup_s=pipe.dedup_window_seconds, lateness_s=pipe.lateness_seconds,
+        sweep_s=pipe.session_sweep_seconds, close_on_shutdown=pipe.close_sessions_on_shutdown,
+        capacity=pipe.channel_batches, log_level=config.log.level, log_format=config.log.format,
+        parent=os.getpid())
 
 
 async def _check_shards(redis: RedisIO, keys: Keys, shards: int) -> None:
@@ -374,7 +391,15 @@ async def _serve(config: Config, redis: RedisIO, clickhouse: ClickHouse, geoip: 
                 actors.start_soon(functools.partial(sup.supervise, "flusher", flusher, flush,
                                                     config.flush.interval_seconds, drained,
                                                     flusher_notices, closes=(flusher_notices,)))
-                for i, (_tx, rx) in enumerate(shard_channels):
+                workers = min(pipe.session_workers, pipe.session_shards)
+                for w in range(workers):  # the shards in child processes, on other cores
+                    params = _worker_params(config, redis.url, w, workers)
+                    inboxes = {s: shard_channels[s][1] for s in params.shards}
+                    d = done_tx.clone()
+                    actors.start_soon(functools.partial(
+                        sup.supervise, f"session-worker-{w}", worker_link, params, inboxes, d,
+                        replayed, closes=(d,)))
+                for i, (_tx, rx) in enumerate(shard_channels if not workers else []):
                     shard = SessionShard(i, redis, keys, pipe.session_timeout_seconds,
                                          pipe.dedup_window_seconds, lateness_s=pipe.lateness_seconds,
                                          shards=pipe.session_shards)

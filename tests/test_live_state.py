@@ -60,7 +60,8 @@ def test_live_visitors_and_last_screen_view_readable(service: Service) -> None:
             message("track", anonymousId="dev-3", event="Clicked")]  # no profile: the device counts
     assert service.batch(msgs).status_code == 200
     client = _redis(service)
-    wait_for(lambda: client.exists("evx:lastsv:project-a:ann") and live_visitors(client, Keys("evx"), "project-a") == 3)
+    wait_for(lambda: client.exists("evx:lastsv:{project-a}:ann")
+             and live_visitors(client, Keys("evx"), "project-a") == 3)
     # a visitor last seen 6 minutes ago is out of the window
     client.zadd("evx:live:project-a", {"gone": int(time.time() * 1000) - 6 * 60_000})
     state = live(service, "--profile", "ann")
@@ -69,7 +70,7 @@ def test_live_visitors_and_last_screen_view_readable(service: Service) -> None:
     view = state["last_screen_view"]
     assert view["path"] == "/pricing" and view["properties"]["name"] == "Pricing"
     assert view["profile_id"] == "ann" and view["name"] == "screen_view"
-    ttl = client.ttl("evx:lastsv:project-a:ann")  # the real key: 31 minutes from when it was set
+    ttl = client.ttl("evx:lastsv:{project-a}:ann")  # the real key: 31 minutes from when it was set
     assert 30 * 60 < ttl <= 31 * 60 and 30 * 60 < state["last_screen_view_ttl_seconds"] <= 31 * 60
     assert live(service, "--profile", "nobody")["last_screen_view"] is None
     text = run_cli("live", "--data-dir", str(service.data_dir), "--project", "project-a", "--profile", "ann")

@@ -53,7 +53,7 @@ def test_received_and_saved_are_published_with_live_state(service: Service) -> N
     while time.monotonic() < deadline and last_screen_view(client, keys, "project-a", "user-1")["path"] != "/next":
         time.sleep(0.1)
     last = last_screen_view(client, keys, "project-a", "user-1")
-    assert last is not None and last["path"] == "/next" and 0 < client.ttl("evx:lastsv:project-a:user-1") <= 31 * 60
+    assert last is not None and last["path"] == "/next" and 0 < client.ttl("evx:lastsv:{project-a}:user-1") <= 31 * 60
 
 
 def test_clickhouse_outage_buffers_then_catches_up_exactly_once(make_service) -> None:  # type: ignore[no-untyped-def]
