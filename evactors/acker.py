@@ -6,13 +6,12 @@ entries that really were deleted, so a replayed entry acknowledged twice counts 
 
 from __future__ import annotations
 
-import functools
-
 import trio
 
 from .messages import Receipt
 from .redis_io import Keys, RedisIO, retrying
 from .replay import InFlight
+from .resp import Script
 
 # KEYS: stream, counter[, flush plan]. ARGV: the plan carried out (or ""), id1, n1, id2, n2, …
 # Used by the acker (no plan) and the flusher, which drops its plan only if it is still the
@@ -32,7 +31,7 @@ return removed
 
 async def acker(redis: RedisIO, keys: Keys, in_flight: InFlight,
                 inbox: trio.MemoryReceiveChannel[list[Receipt]]) -> None:
-    remove = redis.client.register_script(REMOVE_ENTRIES)
+    remove = Script(REMOVE_ENTRIES)
     async for receipts in inbox:
         while True:  # take whatever else is queued: one script call for all of it
             try:
@@ -43,6 +42,5 @@ async def acker(redis: RedisIO, keys: Keys, in_flight: InFlight,
         for r in receipts:
             args += [r.entry_id, r.events]
 
-        await retrying("ack", redis.run,
-                       functools.partial(remove, keys=[keys.ingest, keys.ingest_count], args=args))
+        await retrying("ack", redis.script, remove, [keys.ingest, keys.ingest_count], args)
         in_flight.done([r.entry_id for r in receipts])

@@ -37,6 +37,7 @@ from .messages import IngestBatch, Receipt
 from .model import Context, Incoming
 from .redis_io import TRANSIENT, Keys, RedisIO
 from .replay import InFlight
+from .resp import Script
 from .segment import ENDPOINTS, Peer, RequestError, body_write_key, decompress, parse
 
 log = logging.getLogger("evactors.ingest")
@@ -125,7 +126,7 @@ class DurableLog:
         self.redis = redis
         self.keys = keys
         self.wait_aof = wait_aof
-        self.script = redis.client.register_script(APPEND)
+        self.script = Script(APPEND)
         self._queue: list[_Append] = []
         self._busy = False
 
@@ -161,31 +162,21 @@ class DurableLog:
         """One pipeline for the group; every entry gets its own id or error. An EVALSHA
         refused with NOSCRIPT (a restarted Redis) ran nothing: those are written again."""
         keys = [self.keys.ingest, self.keys.ingest_count]
-        sha = self.script.sha
+        calls = [(keys, [len(item.events), item.blob]) for item in group]
+        extra = [["WAITAOF", 1, 0, 5000]] if self.wait_aof else []
 
-        def go() -> list[Any]:
-            pending, replies = list(range(len(group))), [None] * len(group)
-            for _attempt in range(2):
-                pipe = self.redis.client.pipeline(transaction=False)
-                for i in pending:
-                    pipe.evalsha(sha, 2, *keys, len(group[i].events), group[i].blob)
-                if self.wait_aof:
-                    pipe.execute_command("WAITAOF", 1, 0, 5000)
-                results = pipe.execute(raise_on_error=False)
-                for i, result in zip(pending, results, strict=False):
-                    replies[i] = result
-                if self.wait_aof and not isinstance(results[-1], Exception) and int(results[-1][0]) < 1:
+        async def go() -> list[Any]:
+            replies = await self.redis.scripts(self.script, calls, extra)
+            if self.wait_aof:
+                fsynced = replies.pop()
+                if isinstance(fsynced, Exception):
+                    raise fsynced
+                if int(fsynced[0]) < 1:
                     raise TimeoutError("redis did not fsync the events in time (WAITAOF)")
-                if self.wait_aof and isinstance(results[-1], Exception):
-                    raise results[-1]
-                pending = [i for i in pending if isinstance(replies[i], redis.exceptions.NoScriptError)]
-                if not pending:
-                    break
-                self.redis.client.script_load(APPEND)
             return replies
 
         try:
-            replies = await self.redis.run(go)
+            replies = await go()
         except Exception as e:  # the connection, or no fsync: none of the group is answered 200
             for item in group:
                 item.error = e

@@ -51,6 +51,12 @@ def _slope_per_minute(points: list[tuple[float, float]]) -> float | None:
     return round(sum((x - mx) * (y - my) for x, y in points) / var * 60, 2)
 
 
+def _per_event(p: dict[str, Any], key: str) -> float | None:
+    """CPU time per accepted event, in µs: what bounds throughput once the cores are busy."""
+    cores, rate = (p.get(key) or {}).get("mean"), p.get("accepted_eps")
+    return round(cores * 1e6 / rate) if cores is not None and rate else None
+
+
 def _other_cpu(m: dict[str, Any]) -> float | None:
     """Machine CPU not used by the service, its Valkey or the harness: other work on the
     machine, which the figures then share the cores with."""
@@ -272,6 +278,8 @@ def table(report: dict[str, Any]) -> str:
     add("harness CPU mean / max (cores)", lambda p: " / ".join(_fmt(p["harness_cpu"].get(k)) for k in ("mean", "max")))
     add("machine CPU mean (cores)", lambda p: _fmt(p["machine_cpu"].get("mean")))
     add("other processes CPU mean (cores)", lambda p: _fmt(p["other_cpu"].get("mean")))
+    add("CPU µs per accepted event: service / valkey / harness / machine", lambda p: " / ".join(
+        _fmt(_per_event(p, key)) for key in ("service_cpu", "valkey_cpu", "harness_cpu", "machine_cpu")))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         out.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -296,6 +304,8 @@ def table(report: dict[str, Any]) -> str:
             out.append(f"floor (Redis XADD + ClickHouse insert of the same {floor['events']:,} events, no processing): "
                        f"{floor['events_per_s']:,} events/s; service at "
                        f"{_fmt(floor.get('service_ratio'))} of it (best max phase, stored events/s)"
+                       + (f"; it costs {floor['own_cpu'] * 1e6 / floor['events_per_s']:,.0f} µs of CPU per event"
+                          if floor.get("own_cpu") and floor.get("events_per_s") else "")
                        + (f"; other processes used {floor['other_cpu']} cores meanwhile" if floor.get("other_cpu")
                           else ""))
     out.append("harness bottleneck: " + ("; ".join(report["harness_bottleneck"]) or "none seen"))

@@ -10,11 +10,12 @@ retries with backoff: the caller's work is never dropped because Redis was away.
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +23,7 @@ import redis
 import trio
 
 from . import metrics
+from .resp import Command, NativeRedis, Script, run_scripts
 
 log = logging.getLogger("evactors.redis")
 T = TypeVar("T")
@@ -85,6 +87,13 @@ class Keys:
         return f"{self.prefix}:lastsv:{{{project}}}:{profile}"
 
 
+def _pipeline(client: Any, commands: Sequence[Command]) -> list[Any]:
+    pipe = client.pipeline(transaction=False)
+    for command in commands:
+        pipe.execute_command(*command)
+    return pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
+
+
 class RedisIO:
     """A redis-py client whose calls run in worker threads under a limiter."""
 
@@ -95,6 +104,34 @@ class RedisIO:
             health_check_interval=30, max_connections=threads + 4,
         )
         self.limiter = trio.CapacityLimiter(threads)
+        self.timeout = timeout
+        # the hot paths' commands, in the trio thread (no thread hop); rediss:// stays on redis-py
+        self.native = NativeRedis(url, timeout) if NativeRedis.supports(url) else None
+
+    async def execute(self, commands: Sequence[Command], check: bool = False) -> list[Any]:
+        """``commands`` in one pipeline (one round trip); error replies come back in place,
+        as exceptions (``check``: the first is raised)."""
+        if self.native is not None:
+            replies = await self.native.execute(commands)
+        else:
+            replies = await self.run(functools.partial(_pipeline, self.client, commands))
+        if check:
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+        return replies
+
+    async def script(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """One call of ``script``; an error reply is raised."""
+        (reply,) = await self.scripts(script, [(keys, args)])
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    async def scripts(self, script: Script, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]],
+                      extra: Sequence[Command] = ()) -> list[Any]:
+        """``script`` per (keys, args), then ``extra``, in one pipeline; reloaded on NOSCRIPT."""
+        return await run_scripts(self.execute, script, calls, extra)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
@@ -111,6 +148,8 @@ class RedisIO:
 
     def close(self) -> None:
         self.client.close()
+        if self.native is not None:
+            self.native.close()
 
 
 async def retrying(what: str, fn: Callable[..., Awaitable[T]], *args: Any, initial: float = 0.05,

@@ -21,7 +21,6 @@ exactly once.
 from __future__ import annotations
 
 import bisect
-import functools
 import itertools
 import logging
 import time
@@ -36,6 +35,7 @@ from . import metrics
 from .messages import Enriched, Notice, Receipt, ShardBatch
 from .model import BotRow, EventRow, Incoming, ProfileRow, SessionRow, event_id, flatten, session_id
 from .redis_io import Keys, RedisIO, retrying
+from .resp import Script
 
 log = logging.getLogger("evactors.sessions")
 
@@ -220,7 +220,7 @@ class SessionShard:
         self.lateness_ms = lateness_s * 1000
         self.dedup_s = dedup_s
         self.clock = clock
-        self.commit_script = redis.client.register_script(COMMIT)
+        self.commit_script = Script(COMMIT)
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -241,11 +241,7 @@ class SessionShard:
         if not wanted:
             return [[] for _ in groups]
 
-        def build(pipe: Any) -> None:
-            for group in wanted:
-                pipe.mget(group)
-
-        results = iter(await self.redis.pipeline(build))
+        results = iter(await self.redis.execute([["MGET", *group] for group in wanted], check=True))
         return [next(results) if g else [] for g in groups]
 
     async def _load(self, dedup_keys: list[str], state_keys: list[str], ids: list[Link] | None = None,
@@ -469,7 +465,7 @@ class SessionShard:
                                           len(commit.aliases), *commit.aliases.values()]
         for state in commit.states.values():
             args += [_encode(state), state.session.seen if state.session is not None else ""]
-        await self.redis.run(functools.partial(self.commit_script, keys=script_keys, args=args))
+        await self.redis.script(self.commit_script, script_keys, args)
 
     async def process(self, items: list[Enriched]) -> Commit:
         """Dedup, sessionize and commit one unit. Safe to re-run after a failure."""
