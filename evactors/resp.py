@@ -17,6 +17,7 @@ deadline, as the thread call it replaces was: a command is never left half-sent.
 from __future__ import annotations
 
 import hashlib
+import os
 import select
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -41,8 +42,10 @@ def pack(commands: Sequence[Command]) -> bytes:
                 data = arg.encode()
             elif isinstance(arg, int):
                 data = b"%d" % arg
+            elif isinstance(arg, float):
+                data = repr(arg).encode()
             else:
-                data = str(arg).encode()
+                raise redis.DataError(f"cannot send {type(arg).__name__} to redis: {arg!r:.40}")
             append(b"$%d\r\n" % len(data))
             append(data)
             append(b"\r\n")
@@ -61,7 +64,10 @@ class Script:
 
 
 def no_script(reply: Any) -> bool:
-    return isinstance(reply, redis.ResponseError) and str(reply).startswith("NOSCRIPT")
+    """A script call refused because the server does not have the script (redis-py strips
+    the NOSCRIPT prefix into its own exception type; hiredis keeps it)."""
+    return isinstance(reply, redis.exceptions.NoScriptError) or (
+        isinstance(reply, redis.ResponseError) and str(reply).startswith("NOSCRIPT"))
 
 
 class _Connection:
@@ -106,7 +112,7 @@ class NativeRedis:
 
     @staticmethod
     def supports(url: str) -> bool:
-        return url.startswith(("redis://", "unix://", "valkey://"))
+        return url.startswith(("redis://", "unix://"))
 
     async def _connect(self) -> _Connection:
         o = self.options
@@ -122,11 +128,15 @@ class NativeRedis:
             setup.append(["AUTH", *([o["username"]] if o.get("username") else []), o["password"]])
         if o.get("db"):
             setup.append(["SELECT", o["db"]])
-        if setup:
-            for reply in await connection.execute(setup):
+        try:
+            for reply in await connection.execute(setup) if setup else []:
                 if isinstance(reply, Exception):
-                    await stream.aclose()
+                    if str(reply).startswith(("WRONGPASS", "NOAUTH", "ERR invalid password")):
+                        raise redis.AuthenticationError(str(reply))  # as redis-py: a ConnectionError
                     raise reply
+        except BaseException:
+            await self._drop(connection)
+            raise
         return connection
 
     async def execute(self, commands: Sequence[Command]) -> list[Any]:
@@ -166,10 +176,11 @@ class NativeRedis:
                 await connection.stream.aclose()
 
     def close(self) -> None:
+        """Close the idle connections; callable outside trio too (nothing waits on them)."""
         while self.idle:
             socket = getattr(self.idle.pop().stream, "socket", None)
             if socket is not None:
-                socket.close()
+                os.close(socket.detach())
 
 
 async def run_scripts(execute: Callable[[Sequence[Command]], Awaitable[list[Any]]], script: Script,

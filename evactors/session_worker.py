@@ -24,9 +24,12 @@ nothing more: the next service owns the shards.
 
 from __future__ import annotations
 
+import functools
+import gc
 import json
 import logging
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -37,6 +40,7 @@ import msgspec
 import trio
 
 from . import logs, metrics
+from .config import Config, SupervisorConfig
 from .messages import Enriched, Notice, Receipt, ShardBatch
 from .model import BotRow, EventRow, Incoming
 from .publisher import Publisher, publisher
@@ -46,6 +50,7 @@ from .sessions import SessionShard, session_actor
 log = logging.getLogger("evactors.session_worker")
 
 _LENGTH = struct.Struct(">I")
+PARAMS_ENV = "EVX_SESSION_WORKER_PARAMS"
 UNIT, REPLAYED, END, DONE, CRASHED = b"U", b"R", b"E", b"D", b"X"
 
 
@@ -183,6 +188,7 @@ class WorkerParams:
     log_level: str
     log_format: str
     parent: int
+    supervisor: dict[str, float]  # restarts and backoff, as the service's own actors have
 
 
 class WorkerCrashed(Exception):
@@ -225,10 +231,14 @@ async def _worker(params: WorkerParams) -> None:
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
             done = Done([int(r.entry_id) for r in finished], deltas.take())
-            await stdout.send_all(frame(DONE, _encode(done)))
+            await send(frame(DONE, _encode(done)))
         last = deltas.take()
         if last:
-            await stdout.send_all(frame(DONE, _encode(Done([], last))))
+            await send(frame(DONE, _encode(Done([], last))))
+
+    async def send(data: bytes) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(10):  # never half a frame
+            await stdout.send_all(data)
 
     async def watch_parent() -> None:
         while True:
@@ -236,13 +246,12 @@ async def _worker(params: WorkerParams) -> None:
                 os._exit(0)
             await trio.sleep(0.5)
 
-    async def run_shard(shard: SessionShard, inbox: trio.MemoryReceiveChannel[ShardBatch],
-                        done: trio.MemorySendChannel[list[Receipt]],
-                        notices: trio.MemorySendChannel[Notice]) -> None:
-        logs.actor.set(f"session-{shard.shard}")
-        with done, notices:
-            await session_actor(shard, inbox, done, notices, params.sweep_s, replayed,
-                                close_on_shutdown=params.close_on_shutdown)
+    from .supervisor import Supervisor  # here: the supervisor imports this module
+
+    # Each shard restarts on its own, as in the service: one shard's crash costs that
+    # shard's batch in hand, not the worker.
+    sup = Supervisor(Config(supervisor=msgspec.convert(params.supervisor, SupervisorConfig)))
+    actor = functools.partial(session_actor, close_on_shutdown=params.close_on_shutdown)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch_parent)
@@ -254,28 +263,43 @@ async def _worker(params: WorkerParams) -> None:
                 for s, (_tx, rx) in inboxes.items():
                     shard = SessionShard(s, redis, keys, params.timeout_s, params.dedup_s,
                                          lateness_s=params.lateness_s, shards=params.shard_count)
-                    pipeline.start_soon(run_shard, shard, rx, done_tx.clone(), notice_tx.clone())
+                    d, n = done_tx.clone(), notice_tx.clone()
+                    pipeline.start_soon(functools.partial(
+                        sup.supervise, f"session-{s}", actor, shard, rx, d, n, params.sweep_s,
+                        replayed, closes=(d, n)))
         nursery.cancel_scope.cancel()
     redis.close()
 
 
-def worker_main(argv: list[str]) -> int:
-    params = WorkerParams(**json.loads(argv[0]))
+def worker_main() -> int:
+    # From the environment, not the command line: the Redis URL may hold a password, and
+    # anyone on the machine can read a command line.
+    params = WorkerParams(**json.loads(os.environ.pop(PARAMS_ENV)))
+    # The service drives the stop (END, or its end): a Ctrl-C or a SIGTERM sent to the whole
+    # process group must not kill the worker in the middle of the service's drain.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logs.setup(params.log_level, params.log_format)
-    import gc
-
     gc.freeze()  # as in the service: what is built at start lives as long as the process
     try:
         trio.run(_worker, params)
     except BaseException as e:  # report why, then die: the service restarts the worker
         log.critical("session worker failed", exc_info=e)
-        reason = f"{type(e).__name__}: {e}".encode()
+        reason = "; ".join(f"{type(leaf).__name__}: {leaf}" for leaf in _leaves(e)).encode()
         try:
+            os.set_blocking(1, True)  # trio left it non-blocking
             os.write(1, frame(CRASHED, reason))
         except OSError:
             pass
         return 1
     return 0
+
+
+def _leaves(e: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) groups: what really happened."""
+    if isinstance(e, BaseExceptionGroup):
+        return [leaf for inner in e.exceptions for leaf in _leaves(inner)]
+    return [e]
 
 
 # --- the main side ------------------------------------------------------------------------
@@ -285,8 +309,10 @@ async def worker_link(params: WorkerParams, inboxes: dict[int, trio.MemoryReceiv
                       done: trio.MemorySendChannel[list[Receipt]], replayed: trio.Event) -> None:
     """The actor that owns one worker process: feeds it its shards' batches, and sends the
     receipts of what it committed to the acker."""
-    command = [sys.executable, "-m", "evactors.session_worker", json.dumps(asdict(params))]
-    process = await trio.lowlevel.open_process(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    command = [sys.executable, "-m", "evactors.session_worker"]
+    env = {**os.environ, PARAMS_ENV: json.dumps(asdict(params))}
+    process = await trio.lowlevel.open_process(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                               env=env)
     assert process.stdin is not None and process.stdout is not None
     to_worker, from_worker = process.stdin, process.stdout
     pending: dict[int, list[Receipt]] = {}
@@ -310,8 +336,10 @@ async def worker_link(params: WorkerParams, inboxes: dict[int, trio.MemoryReceiv
 
     async def replay_done() -> None:
         await replayed.wait()
-        with trio.CancelScope(shield=True):  # never half a frame
+        try:
             await send(frame(REPLAYED))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # the worker died: collect() reports why
 
     async def feed_all() -> None:
         async with trio.open_nursery() as signals:
@@ -361,4 +389,4 @@ async def worker_link(params: WorkerParams, inboxes: dict[int, trio.MemoryReceiv
 
 
 if __name__ == "__main__":
-    sys.exit(worker_main(sys.argv[1:]))
+    sys.exit(worker_main())

@@ -40,6 +40,7 @@ from typing import Any
 
 import hypercorn.config
 import hypercorn.trio
+import msgspec
 import trio
 
 from . import logs, metrics
@@ -221,7 +222,7 @@ def _worker_params(config: Config, redis_url: str, index: int, workers: int) -> 
         dedup_s=pipe.dedup_window_seconds, lateness_s=pipe.lateness_seconds,
         sweep_s=pipe.session_sweep_seconds, close_on_shutdown=pipe.close_sessions_on_shutdown,
         capacity=pipe.channel_batches, log_level=config.log.level, log_format=config.log.format,
-        parent=os.getpid())
+        parent=os.getpid(), supervisor=msgspec.to_builtins(config.supervisor))
 
 
 async def _check_shards(redis: RedisIO, keys: Keys, shards: int) -> None:

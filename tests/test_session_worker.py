@@ -126,6 +126,7 @@ def test_a_killed_worker_is_restarted_and_nothing_is_lost(make_service) -> None:
 def test_a_worker_goes_with_its_service(make_service) -> None:  # type: ignore[no-untyped-def]
     service = make_service().start()
     worker = _worker(service)
+    assert "redis" not in " ".join(worker.cmdline())  # its settings (a URL's password) are not on show
     assert service.batch([message("track", event="Fine")]).status_code == 200
     service.wait_rows("SELECT 1 FROM evactors.events WHERE name = 'Fine'", 1)
     service.stop(signal.SIGKILL)
