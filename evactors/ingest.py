@@ -376,6 +376,7 @@ class Ingest:
             raise RequestError(400, "invalid_remap", str(e)) from None
         if request.project not in self.write_keys.projects():
             raise RequestError(400, "invalid_remap", f"unknown project {request.project!r}")
+        await self._settle()
         now = int(time.time() * 1000)
         pairs = [(str(old), str(new)) for old, new in request.pairs if old and new and old != new]
         for i in range(0, len(pairs), 1000):
@@ -385,6 +386,22 @@ class Ingest:
             self.in_flight.add([receipt.entry_id])
             await self.outbox.send(IngestBatch([receipt], events))
         return {"success": True, "remapped": len(pairs), "skipped": len(request.pairs) - len(pairs)}
+
+    async def _settle(self, timeout: float = 60.0) -> None:
+        """Wait until every event accepted so far has been processed. A re-map reads the old
+        id's state, which another shard (in another process) writes: it must come after
+        the events sent before it, not merely be queued after them."""
+        waiting = set(self.in_flight.since)
+        deadline = trio.current_time() + timeout
+        while waiting:
+            waiting.intersection_update(self.in_flight.since)
+            if not waiting:
+                break
+            if trio.current_time() > deadline:
+                raise RequestError(503, "busy", f"{len(waiting)} request(s) accepted before the "
+                                   "re-map are still being processed; retry the re-map later",
+                                   retry_after=self.config.server.retry_after_seconds)
+            await trio.sleep(0.01)
 
     async def live_stream(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Server-Sent Events for one viewer: ``hello``, ``stats`` every second, ``events``."""
