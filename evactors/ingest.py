@@ -166,7 +166,7 @@ class DurableLog:
         extra = [["WAITAOF", 1, 0, 5000]] if self.wait_aof else []
 
         async def go() -> list[Any]:
-            replies = await self.redis.scripts(self.script, calls, extra)
+            replies = await self.redis.scripts(self.script, calls, extra, wait=True)
             if self.wait_aof:
                 fsynced = replies.pop()
                 if isinstance(fsynced, Exception):

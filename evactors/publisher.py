@@ -22,6 +22,7 @@ from .clickhouse import TABLES
 from .messages import Notice
 from .model import EventRow
 from .redis_io import TRANSIENT, Keys, RedisIO
+from .resp import Script
 
 log = logging.getLogger("evactors.publisher")
 
@@ -59,7 +60,7 @@ class Publisher:
         self.keys = keys
         self.subscribers: dict[str, int] = {c: 1 for c in CHANNELS}
         self._checked = 0.0
-        self.set_last_views = redis.client.register_script(SET_LAST_VIEWS)
+        self.set_last_views = Script(SET_LAST_VIEWS)
 
     async def _refresh_subscribers(self) -> None:
         if time.monotonic() - self._checked < 1.0:
@@ -90,21 +91,22 @@ class Publisher:
                     if key not in views or row.created_at >= views[key].created_at:
                         views[key] = row
 
-        def build(p: Any) -> None:
-            for channel, payload in messages:
-                p.publish(channel, payload)
-            for views in last_views.values():  # one script per project (one slot)
-                args: list[Any] = [LAST_SCREEN_VIEW_TTL]
-                for row in views.values():
-                    args += [row.created_at, _encode(msgspec.structs.asdict(row))]
-                self.set_last_views(keys=list(views), client=p, args=args)
-            for project, members in live.items():
-                p.zadd(self.keys.live(project), members)
-                p.zremrangebyscore(self.keys.live(project), "-inf", now - LIVE_WINDOW_MS)
-                p.pexpire(self.keys.live(project), LIVE_WINDOW_MS)
-
-        if messages or last_views or live:
-            await self.redis.pipeline(build)
+        commands: list[list[Any]] = [["PUBLISH", channel, payload] for channel, payload in messages]
+        for project, members in live.items():
+            key = self.keys.live(project)
+            commands.append(["ZADD", key, *(x for member, seen in members.items() for x in (seen, member))])
+            commands.append(["ZREMRANGEBYSCORE", key, "-inf", now - LIVE_WINDOW_MS])
+            commands.append(["PEXPIRE", key, LIVE_WINDOW_MS])
+        calls = []
+        for views in last_views.values():  # one script per project (one slot)
+            args: list[Any] = [LAST_SCREEN_VIEW_TTL]
+            for row in views.values():
+                args += [row.created_at, _encode(msgspec.structs.asdict(row))]
+            calls.append((list(views), args))
+        if calls or commands:
+            for reply in await self.redis.scripts(self.set_last_views, calls, commands):
+                if isinstance(reply, Exception):
+                    raise reply
 
 
 async def publisher(pub: Publisher, inbox: trio.MemoryReceiveChannel[Notice]) -> None:

@@ -129,9 +129,10 @@ class RedisIO:
         return reply
 
     async def scripts(self, script: Script, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]],
-                      extra: Sequence[Command] = ()) -> list[Any]:
-        """``script`` per (keys, args), then ``extra``, in one pipeline; reloaded on NOSCRIPT."""
-        return await run_scripts(self.execute, script, calls, extra)
+                      extra: Sequence[Command] = (), wait: bool = False) -> list[Any]:
+        """``script`` per (keys, args), then ``extra``, in one pipeline; reloaded on NOSCRIPT
+        (see ``run_scripts``)."""
+        return await run_scripts(self.execute, script, calls, extra, wait)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)

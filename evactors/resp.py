@@ -167,8 +167,8 @@ class NativeRedis:
         return replies
 
     async def scripts(self, script: Script, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]],
-                      extra: Sequence[Command] = ()) -> list[Any]:
-        return await run_scripts(self.execute, script, calls, extra)
+                      extra: Sequence[Command] = (), wait: bool = False) -> list[Any]:
+        return await run_scripts(self.execute, script, calls, extra, wait)
 
     async def _drop(self, connection: _Connection | None) -> None:
         if connection is not None:
@@ -185,18 +185,20 @@ class NativeRedis:
 
 async def run_scripts(execute: Callable[[Sequence[Command]], Awaitable[list[Any]]], script: Script,
                       calls: Sequence[tuple[Sequence[Any], Sequence[Any]]],
-                      extra: Sequence[Command] = ()) -> list[Any]:
+                      extra: Sequence[Command] = (), wait: bool = False) -> list[Any]:
     """``script`` once per (keys, args), then ``extra``, in one pipeline; calls refused with
-    NOSCRIPT (a restarted server) are run again after loading it."""
+    NOSCRIPT (a restarted server) are run again after loading it. ``wait``: ``extra`` waits
+    for the writes before it (WAITAOF) and is sent again after the retried calls; else it
+    ran once, with the first pipeline."""
     replies = await execute([*(script.call(k, a) for k, a in calls), *extra])
     again = [i for i in range(len(calls)) if no_script(replies[i])]
-    if again:  # ``extra`` again too: a WAITAOF must follow the writes it waits for
-        load, *retried = await execute(
-            [["SCRIPT", "LOAD", script.source], *(script.call(*calls[i]) for i in again), *extra])
+    if again:
+        load, *retried = await execute([["SCRIPT", "LOAD", script.source],
+                                        *(script.call(*calls[i]) for i in again), *(extra if wait else ())])
         if isinstance(load, Exception):
             raise load
         for i, reply in zip(again, retried, strict=False):
             replies[i] = reply
-        if extra:
+        if extra and wait:
             replies[len(calls):] = retried[len(again):]
     return replies

@@ -42,7 +42,7 @@ import trio
 from . import logs, metrics
 from .config import Config, SupervisorConfig
 from .messages import Enriched, Notice, Receipt, ShardBatch
-from .model import BotRow, EventRow, Incoming
+from .model import BotRow, Context, EventRow, Incoming
 from .publisher import Publisher, publisher
 from .redis_io import Keys, RedisIO
 from .sessions import SessionShard, session_actor
@@ -54,16 +54,24 @@ PARAMS_ENV = "EVX_SESSION_WORKER_PARAMS"
 UNIT, REPLAYED, END, DONE, CRASHED = b"U", b"R", b"E", b"D", b"X"
 
 
+class Carried(msgspec.Struct, array_like=True, gc=False):
+    """What sessions read of an incoming event besides its row: only this crosses the pipe
+    (its properties and context are in the row already)."""
+
+    previous_id: str
+    traits: dict[str, Any]
+
+
 class Unit(msgspec.Struct, array_like=True, gc=False):
     """A shard's batch on the wire: rows and bots apart (msgspec wants one type per list),
-    ``bots`` says which items are bots, in the order of ``incoming``."""
+    ``is_bot`` says which items are bots, in the order of ``carried``."""
 
     seq: int
     shard: int
     rows: list[EventRow]
     bots: list[BotRow]
     is_bot: bytes
-    incoming: list[Incoming]
+    carried: list[Carried]
 
 
 class Done(msgspec.Struct, array_like=True):
@@ -87,15 +95,25 @@ def encode_unit(seq: int, shard: int, batch: ShardBatch) -> bytes:
         else:
             rows.append(item.row)
             flags.append(0)
-    return _encode(Unit(seq, shard, rows, bots, bytes(flags), [e.incoming for e in batch.events]))
+    carried = [Carried(e.incoming.previous_id, e.incoming.traits) for e in batch.events]
+    return _encode(Unit(seq, shard, rows, bots, bytes(flags), carried))
 
 
 def decode_unit(data: bytes | memoryview) -> tuple[int, int, list[Enriched]]:
     unit = _decode_unit(data)
     rows, bots = iter(unit.rows), iter(unit.bots)
-    items = [Enriched(next(bots) if flag else next(rows), incoming, unit.shard)
-             for flag, incoming in zip(unit.is_bot, unit.incoming, strict=True)]
+    items = [Enriched(next(bots) if flag else next(rows), _incoming(carried), unit.shard)
+             for flag, carried in zip(unit.is_bot, unit.carried, strict=True)]
     return unit.seq, unit.shard, items
+
+
+_NO_CONTEXT = Context()
+
+
+def _incoming(carried: Carried) -> Incoming:
+    """The incoming event as far as sessions read it (the rest is in its row)."""
+    return Incoming("", "", "", "", "", "", {}, carried.traits, _NO_CONTEXT, 0, 0, "", "",
+                    carried.previous_id, "")
 
 
 def frame(kind: bytes, payload: bytes = b"") -> bytes:

@@ -41,8 +41,11 @@ async def test_pipelines_and_scripts_reloaded_after_a_flush(valkey: Any, native:
         await io.execute([["HGET", "a", "x"]], check=True)
     assert await io.script(INCR_BY, ["n"], [5]) == 5
     io.client.script_flush()  # as a restarted server: the script is gone
-    replies = await io.scripts(INCR_BY, [(["n"], [1]), (["m"], [2])], extra=[["GET", "n"]])
-    assert replies == [6, 2, b"6"]  # both calls ran once, and the extra after them
+    replies = await io.scripts(INCR_BY, [(["n"], [1]), (["m"], [2])], extra=[["GET", "n"]], wait=True)
+    assert replies == [6, 2, b"6"]  # both calls ran once, and the extra (sent again) after them
+    io.client.script_flush()
+    replies = await io.scripts(INCR_BY, [(["n"], [1])], extra=[["INCR", "once"]])
+    assert replies == [7, 1] and await io.execute([["GET", "once"]]) == [b"1"]  # extra ran once
     io.close()
 
 

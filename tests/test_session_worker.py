@@ -31,8 +31,8 @@ def _row(name: str, i: int) -> EventRow:
 
 
 def _incoming(i: int) -> Incoming:
-    return Incoming("p", "track", f"m-{i}", "", "d", f"E{i}", {"k": i}, {}, Context(), 1000 + i,
-                    2000, "", "", "", "")
+    return Incoming("p", "alias", f"m-{i}", "", "d", f"E{i}", {"k": i}, {"plan": f"p{i}"}, Context(),
+                    1000 + i, 2000, "", "", f"prev-{i}", "")
 
 
 def test_a_unit_crosses_the_pipe_whole_and_in_order() -> None:
@@ -43,7 +43,9 @@ def test_a_unit_crosses_the_pipe_whole_and_in_order() -> None:
     assert (seq, shard) == (42, 3)
     assert [type(e.row).__name__ for e in back] == ["EventRow", "BotRow", "EventRow"]
     assert [e.row for e in back] == [e.row for e in items]  # every field
-    assert [e.incoming for e in back] == [e.incoming for e in items]
+    # of the incoming event, what sessions read besides the row
+    assert [(e.incoming.previous_id, e.incoming.traits) for e in back] == [
+        (e.incoming.previous_id, e.incoming.traits) for e in items]
     assert all(e.shard == 3 for e in back)
 
 
