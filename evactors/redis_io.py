@@ -1,8 +1,10 @@
-"""Redis from trio: the sync redis-py client in worker threads, one hop per pipeline.
+"""Redis from trio: the sync redis-py client in worker threads, one hop per pipeline, and
+for the hot paths (``execute``, ``script``, ``scripts``) a small trio-native client
+(``resp``) with no hop at all.
 
-``redis.asyncio`` does not run under trio, and measured best is the sync client called
-from ``trio.to_thread.run_sync`` with whole pipelines (see STACK.md). A thread call cannot
-be cancelled, so every socket has a short timeout; a ``CapacityLimiter`` bounds how many
+``redis.asyncio`` does not run under trio; the sync client is called from
+``trio.to_thread.run_sync`` with whole pipelines (see STACK.md). A thread call cannot be
+cancelled, so every socket has a short timeout; a ``CapacityLimiter`` bounds how many
 threads Redis may occupy. ``retrying`` turns connection faults into logged, counted
 retries with backoff: the caller's work is never dropped because Redis was away.
 """
@@ -104,7 +106,6 @@ class RedisIO:
             health_check_interval=30, max_connections=threads + 4,
         )
         self.limiter = trio.CapacityLimiter(threads)
-        self.timeout = timeout
         # the hot paths' commands, in the trio thread (no thread hop); rediss:// stays on redis-py
         self.native = NativeRedis(url, timeout) if NativeRedis.supports(url) else None
 
