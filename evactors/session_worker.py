@@ -307,8 +307,8 @@ def worker_main() -> int:
         try:
             os.set_blocking(1, True)  # trio left it non-blocking
             os.write(1, frame(CRASHED, reason))
-        except OSError:
-            pass
+        except OSError:  # the service is gone too: there is no one to tell
+            return 1
         return 1
     return 0
 
@@ -370,7 +370,7 @@ async def worker_link(params: WorkerParams, inboxes: dict[int, trio.MemoryReceiv
             await send(frame(END))
             await to_worker.aclose()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            return  # the worker died first: collect() reports why
 
     async def collect() -> None:
         nonlocal crashed
