@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import gc
+import sys
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+# process_resident_memory_bytes, process_cpu_seconds_total, open fds: of this process only
+# (the session worker and an embedded Valkey are processes of their own).
+ProcessCollector(registry=REGISTRY)
 
 EVENTS_ACCEPTED = Counter("evactors_events_accepted", "Events acknowledged to clients (durable in Redis)",
                           ["project"], registry=REGISTRY)
@@ -49,3 +56,18 @@ DEAD_LETTERS = Counter("evactors_dead_letters", "Entries moved to the dead-lette
                        registry=REGISTRY)
 REPLAYED = Counter("evactors_replayed_entries", "Ingest entries re-fed after a crash or restart",
                    registry=REGISTRY)
+PYTHON_BLOCKS = Gauge("evactors_python_allocated_blocks",
+                      "Memory blocks Python's allocator holds (objects and buffers): with "
+                      "process_resident_memory_bytes, tells Python's growth from the rest (chDB)",
+                      registry=REGISTRY)
+PYTHON_BLOCKS.set_function(sys.getallocatedblocks)
+GC_COLLECTIONS = Gauge("evactors_python_gc_collections", "Garbage collector runs, by generation",
+                       ["generation"], registry=REGISTRY)
+
+
+def _collections(generation: int) -> Callable[[], float]:
+    return lambda: float(gc.get_stats()[generation]["collections"])
+
+
+for _generation in range(3):
+    GC_COLLECTIONS.labels(str(_generation)).set_function(_collections(_generation))

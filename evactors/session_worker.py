@@ -24,7 +24,6 @@ nothing more: the next service owns the shards.
 
 from __future__ import annotations
 
-import functools
 import gc
 import json
 import logging
@@ -40,12 +39,12 @@ import msgspec
 import trio
 
 from . import logs, metrics
-from .config import Config, SupervisorConfig
+from .config import Config, PipelineConfig, SupervisorConfig
 from .messages import Enriched, Notice, Receipt, ShardBatch
 from .model import BotRow, Context, EventRow, Incoming
 from .publisher import Publisher, publisher
 from .redis_io import Keys, RedisIO
-from .sessions import SessionShard, session_actor
+from .sessions import start_shard_actors
 
 log = logging.getLogger("evactors.session_worker")
 
@@ -190,22 +189,16 @@ def apply_counters(deltas: list[tuple[str, list[str], float]]) -> None:
 
 @dataclass
 class WorkerParams:
-    """What a worker needs of the configuration (passed as JSON on its command line)."""
+    """What a worker needs of the configuration (JSON, in its environment)."""
 
     redis_url: str
     redis_timeout: float
     key_prefix: str
-    shards: list[int]
-    shard_count: int
-    timeout_s: int
-    dedup_s: int
-    lateness_s: int
-    sweep_s: float
-    close_on_shutdown: bool
-    capacity: int
+    shards: list[int]  # the worker's own; pipeline.session_shards is the count of all
     log_level: str
     log_format: str
     parent: int
+    pipeline: dict[str, Any]  # the service's [pipeline] section
     supervisor: dict[str, float]  # restarts and backoff, as the service's own actors have
 
 
@@ -216,10 +209,11 @@ class WorkerCrashed(Exception):
 async def _worker(params: WorkerParams) -> None:
     redis = RedisIO(params.redis_url, params.redis_timeout)
     keys = Keys(params.key_prefix)
+    pipe = msgspec.convert(params.pipeline, PipelineConfig)
     replayed = trio.Event()
-    done_tx, done_rx = trio.open_memory_channel[list[Receipt]](params.capacity * 8)
-    notice_tx, notice_rx = trio.open_memory_channel[Notice](params.capacity * 8)
-    inboxes = {s: trio.open_memory_channel[ShardBatch](params.capacity) for s in params.shards}
+    done_tx, done_rx = trio.open_memory_channel[list[Receipt]](pipe.channel_batches * 8)
+    notice_tx, notice_rx = trio.open_memory_channel[Notice](pipe.channel_batches * 8)
+    inboxes = {s: trio.open_memory_channel[ShardBatch](pipe.channel_batches) for s in params.shards}
     stdin = trio.lowlevel.FdStream(os.dup(0))
     stdout = trio.lowlevel.FdStream(os.dup(1))
     deltas = CounterDeltas()
@@ -266,11 +260,7 @@ async def _worker(params: WorkerParams) -> None:
 
     from .supervisor import Supervisor  # here: the supervisor imports this module
 
-    # Each shard restarts on its own, as in the service: one shard's crash costs that
-    # shard's batch in hand, not the worker.
     sup = Supervisor(Config(supervisor=msgspec.convert(params.supervisor, SupervisorConfig)))
-    actor = functools.partial(session_actor, close_on_shutdown=params.close_on_shutdown)
-
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch_parent)
         nursery.start_soon(read_main)
@@ -278,13 +268,9 @@ async def _worker(params: WorkerParams) -> None:
             pipeline.start_soon(write_main)
             pipeline.start_soon(publisher, Publisher(redis, keys), notice_rx)
             with done_tx, notice_tx:
-                for s, (_tx, rx) in inboxes.items():
-                    shard = SessionShard(s, redis, keys, params.timeout_s, params.dedup_s,
-                                         lateness_s=params.lateness_s, shards=params.shard_count)
-                    d, n = done_tx.clone(), notice_tx.clone()
-                    pipeline.start_soon(functools.partial(
-                        sup.supervise, f"session-{s}", actor, shard, rx, d, n, params.sweep_s,
-                        replayed, closes=(d, n)))
+                start_shard_actors(pipeline, sup.supervise, pipe, redis, keys,
+                                   {s: rx for s, (_tx, rx) in inboxes.items()}, done_tx, notice_tx,
+                                   replayed)
         nursery.cancel_scope.cancel()
     redis.close()
 

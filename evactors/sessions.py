@@ -21,12 +21,13 @@ exactly once.
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import logging
 import time
 import zlib
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
@@ -36,6 +37,9 @@ from .messages import Enriched, Notice, Receipt, ShardBatch
 from .model import BotRow, EventRow, Incoming, ProfileRow, SessionRow, event_id, flatten, session_id
 from .redis_io import Keys, RedisIO, retrying
 from .resp import Script
+
+if TYPE_CHECKING:
+    from .config import PipelineConfig
 
 log = logging.getLogger("evactors.sessions")
 
@@ -599,3 +603,21 @@ async def _sweep_all(shard: SessionShard, close_all: bool = False) -> None:
         commit = await retrying(f"session-{shard.shard} sweep", shard.sweep, close_all)
         if commit is None or (not close_all and len(commit.states) < SWEEP_LIMIT):
             return
+
+
+def start_shard_actors(nursery: trio.Nursery, supervise: Callable[..., Awaitable[None]],
+                       pipe: PipelineConfig, redis: RedisIO, keys: Keys,
+                       inboxes: Mapping[int, trio.MemoryReceiveChannel[ShardBatch]],
+                       done: trio.MemorySendChannel[list[Receipt]],
+                       notices: trio.MemorySendChannel[Notice], replayed: trio.Event) -> None:
+    """One supervised ``session-N`` actor per shard of ``inboxes``, in the service or in a
+    session worker alike: each restarts on its own, so a shard's crash costs that shard's
+    batch in hand. Each gets its own clones of ``done`` and ``notices``, closed when it ends."""
+    actor = functools.partial(session_actor, close_on_shutdown=pipe.close_sessions_on_shutdown)
+    for index, inbox in inboxes.items():
+        shard = SessionShard(index, redis, keys, pipe.session_timeout_seconds, pipe.dedup_window_seconds,
+                             lateness_s=pipe.lateness_seconds, shards=pipe.session_shards)
+        d, n = done.clone(), notices.clone()
+        nursery.start_soon(functools.partial(
+            supervise, f"session-{index}", actor, shard, inbox, d, n, pipe.session_sweep_seconds,
+            replayed, closes=(d, n)))

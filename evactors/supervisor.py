@@ -61,7 +61,7 @@ from .redis_io import TRANSIENT, DataDirLock, EmbeddedValkey, Keys, RedisIO
 from .replay import InFlight, Replayer, replayer
 from .sdnotify import Notifier
 from .session_worker import WorkerParams, worker_link
-from .sessions import SessionShard, session_actor
+from .sessions import start_shard_actors
 from .useragent import UserAgentParser
 
 log = logging.getLogger("evactors.supervisor")
@@ -218,11 +218,8 @@ def _worker_params(config: Config, redis_url: str, index: int, workers: int) -> 
         redis_url=redis_url, redis_timeout=config.redis.timeout_seconds,
         key_prefix=config.redis.key_prefix,
         shards=[s for s in range(pipe.session_shards) if s % workers == index],
-        shard_count=pipe.session_shards, timeout_s=pipe.session_timeout_seconds,
-        dedup_s=pipe.dedup_window_seconds, lateness_s=pipe.lateness_seconds,
-        sweep_s=pipe.session_sweep_seconds, close_on_shutdown=pipe.close_sessions_on_shutdown,
-        capacity=pipe.channel_batches, log_level=config.log.level, log_format=config.log.format,
-        parent=os.getpid(), supervisor=msgspec.to_builtins(config.supervisor))
+        log_level=config.log.level, log_format=config.log.format, parent=os.getpid(),
+        pipeline=msgspec.to_builtins(pipe), supervisor=msgspec.to_builtins(config.supervisor))
 
 
 async def _check_shards(redis: RedisIO, keys: Keys, shards: int) -> None:
@@ -400,15 +397,10 @@ async def _serve(config: Config, redis: RedisIO, clickhouse: ClickHouse, geoip: 
                     actors.start_soon(functools.partial(
                         sup.supervise, f"session-worker-{w}", worker_link, params, inboxes, d,
                         replayed, closes=(d,)))
-                for i, (_tx, rx) in enumerate(shard_channels if not workers else []):
-                    shard = SessionShard(i, redis, keys, pipe.session_timeout_seconds,
-                                         pipe.dedup_window_seconds, lateness_s=pipe.lateness_seconds,
-                                         shards=pipe.session_shards)
-                    d, n = done_tx.clone(), notice_tx.clone()
-                    actor = functools.partial(session_actor, close_on_shutdown=pipe.close_sessions_on_shutdown)
-                    actors.start_soon(functools.partial(
-                        sup.supervise, f"session-{i}", actor, shard, rx, d, n,
-                        pipe.session_sweep_seconds, replayed, closes=(d, n)))
+                if not workers:  # the shards in this process
+                    start_shard_actors(actors, sup.supervise, pipe, redis, keys,
+                                       {i: rx for i, (_tx, rx) in enumerate(shard_channels)},
+                                       done_tx, notice_tx, replayed)
                 shard_txs = [tx for tx, _ in shard_channels]
                 for j in range(pipe.enrichers):
                     outs = [tx.clone() for tx in shard_txs]

@@ -12,7 +12,7 @@ from typing import Any
 
 from conftest import BIN, Service
 from evactors.loadtest import ERROR, MALFORMED, PLAIN, LoadTest, Options, Phase, RunResult, Traffic
-from evactors.loadtest_report import build, table
+from evactors.loadtest_report import build, percentiles, table
 from evactors.loadtest_verify import AdminReader, expectations, verify
 
 
@@ -89,6 +89,40 @@ def test_verification_passes_clean_and_names_a_missing_a_doubled_and_a_rejected_
     cli = json.loads(proc.stdout)
     assert cli["verification"]["ok"] and cli["verification"]["accepted"] > 100
     assert cli["run_id"] != result.opts.run_id and (tmp_path / "cli" / "chart.png").exists()
+
+
+def test_percentiles_agree_with_the_histograms_own_queries() -> None:
+    """The report's vectorized percentiles and mean give what hdrh's (slow) queries give."""
+    import random
+
+    from evactors.loadtest import new_hist as histogram
+
+    rng = random.Random(5)
+    for size in (1, 7, 3_000):
+        h = histogram()
+        for _ in range(size):  # sub-ms acks and multi-second queueing in one histogram
+            h.record_value(rng.choice((rng.randint(1, 3_000), rng.randint(100, 30_000_000))))
+        got = percentiles(h)
+        assert got == {"count": size, **{
+            name: round(h.get_value_at_percentile(p) / 1000, 2)
+            for name, p in (("p50_ms", 50), ("p90_ms", 90), ("p99_ms", 99), ("p99_9_ms", 99.9))},
+            "max_ms": round(h.get_max_value() / 1000, 2), "mean_ms": round(h.get_mean_value() / 1000, 2)}
+    assert percentiles(histogram()) == {"count": 0}
+
+
+def test_rss_growth_is_the_last_minute_over_the_first_and_after_the_warm_up() -> None:
+    from evactors.loadtest_report import _rss
+
+    # 10 minutes, one sample a second: 400 MB rising to 600 MB over 3 minutes, then flat
+    warm = [(float(t), 400 + 200 * min(t, 180) / 180) for t in range(600)]
+    got = _rss(warm)
+    assert got["start"] == 400 and got["end"] == 600 and got["max"] == 600
+    assert 35 < got["growth_pct"] < 45 and got["after_warmup_growth_pct"] == 0.0
+    leak = [(float(t), 400 + t / 6) for t in range(600)]  # 10 MB a minute, all along
+    got = _rss(leak)
+    assert got["slope_mb_per_min"] == 10.0 and 13 < got["after_warmup_growth_pct"] < 15
+    assert _rss(leak[:100])["growth_pct"] is None  # under 2 minutes: no growth figure
+    assert _rss([]) == {}
 
 
 def test_answers_decide_what_is_expected() -> None:
