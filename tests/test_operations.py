@@ -38,6 +38,12 @@ def test_status_metrics_health_and_logs(service: Service) -> None:
                  "evactors_http_latency_seconds_bucket", 'evactors_stage_events_total{stage="enrich"}',
                  "evactors_rows_inserted_total", "evactors_backlog_events"):
         assert name in metrics, name
+    # memory, told apart: the process's RSS, and what Python's allocator holds of it
+    gauges = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+              if line and not line.startswith("#")}
+    assert gauges["process_resident_memory_bytes"] > 50 * 2**20
+    assert gauges["evactors_python_allocated_blocks"] > 10_000
+    assert gauges['evactors_python_gc_collections{generation="0"}'] >= 1
 
     assert run_cli("status", "--data-dir", str(service.data_dir / "nowhere")).returncode == 3
     assert service.stop() == 0
