@@ -323,19 +323,10 @@ async def worker_link(params: WorkerParams, inboxes: dict[int, trio.MemoryReceiv
     seq = 0
     write = trio.Lock()
     crashed: str | None = None
-    # Frames queued while a write is under way go out together in the next one: an
-    # enricher's batch reaches every shard's feeder at once, and a write per frame (a
-    # syscall and a wake-up of the worker each) cost more than the encoding.
-    queued: list[bytes] = []
 
     async def send(data: bytes) -> None:
-        queued.append(data)
         async with write:
-            await trio.sleep(0)  # the feeders woken with this one queue theirs meanwhile
-            if queued:
-                data = b"".join(queued)
-                queued.clear()
-                await to_worker.send_all(data)
+            await to_worker.send_all(data)
 
     async def feed(shard: int, inbox: trio.MemoryReceiveChannel[ShardBatch]) -> None:
         nonlocal seq
