@@ -34,9 +34,10 @@ _ANSWER = {-1: "no answer", -2: "behind"}  # ERROR, BEHIND (see evactors.loadtes
 
 
 def percentiles(h: HdrHistogram) -> dict[str, Any]:
-    """p50/p90/p99/p99.9, max and mean in ms, from the counts in one vectorized pass: the
-    histogram's own queries walk every bucket in Python each (~15 ms a query), which over a
-    10-minute run's per-second histograms took minutes."""
+    """p50/p90/p99/p99.9, max and mean in ms, as hdrh gives them, from one cumulative sum of
+    the counts (the mean from the non-empty buckets only): the histogram's own queries walk
+    every bucket in Python each (~15 ms a query), which over a 10-minute run's per-second
+    histograms took minutes."""
     total = h.get_total_count()
     if not total:
         return {"count": 0}
@@ -83,7 +84,7 @@ def _rss(points: list[tuple[float, float]]) -> dict[str, Any]:
 
     last = mean(t1 - 60, t1 + 1)
     for key, start, span in (("growth_pct", t0, 120), ("after_warmup_growth_pct", t0 + WARMUP_SECONDS, 300)):
-        base = mean(start, start + 60) if t1 - t0 >= span else None
+        base = mean(start, start + 60) if t1 - t0 + 1 >= span else None  # a sample a second
         out[key] = round((last - base) / base * 100, 1) if base and last is not None else None
     return out
 
@@ -320,7 +321,7 @@ def table(report: dict[str, Any]) -> str:
     add("service RSS slope MB/min", lambda p: _fmt(p["service_rss_mb"].get("slope_mb_per_min")))
     add(f"service RSS growth %: last vs first minute / vs minute {WARMUP_SECONDS // 60 + 1}", lambda p: " / ".join(
         _fmt(p["service_rss_mb"].get(k)) for k in ("growth_pct", "after_warmup_growth_pct")))
-    add("  main process RSS end / of it file-backed (chDB's code) MB", lambda p: " / ".join(
+    add("  main process RSS end / of it file-backed (chDB's library, GeoIP db, …) MB", lambda p: " / ".join(
         _fmt(p.get("service_main_rss_mb", {}).get(k)) for k in ("end", "file_backed_end")))
     add("redis used MB max", lambda p: _fmt(p["redis_used_mb"].get("max")))
     add("backlog max (events)", lambda p: _fmt(p["backlog"].get("max")))

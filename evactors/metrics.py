@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import gc
 import sys
-from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, ProcessCollector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 # process_resident_memory_bytes, process_cpu_seconds_total, open fds: of this process only
 # (the session worker and an embedded Valkey are processes of their own).
 ProcessCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)  # python_gc_collections_total{generation}, objects collected
 
 EVENTS_ACCEPTED = Counter("evactors_events_accepted", "Events acknowledged to clients (durable in Redis)",
                           ["project"], registry=REGISTRY)
@@ -61,13 +60,3 @@ PYTHON_BLOCKS = Gauge("evactors_python_allocated_blocks",
                       "process_resident_memory_bytes, tells Python's growth from the rest (chDB)",
                       registry=REGISTRY)
 PYTHON_BLOCKS.set_function(sys.getallocatedblocks)
-GC_COLLECTIONS = Gauge("evactors_python_gc_collections", "Garbage collector runs, by generation",
-                       ["generation"], registry=REGISTRY)
-
-
-def _collections(generation: int) -> Callable[[], float]:
-    return lambda: float(gc.get_stats()[generation]["collections"])
-
-
-for _generation in range(3):
-    GC_COLLECTIONS.labels(str(_generation)).set_function(_collections(_generation))

@@ -121,7 +121,8 @@ def test_rss_growth_is_the_last_minute_over_the_first_and_after_the_warm_up() ->
     leak = [(float(t), 400 + t / 6) for t in range(600)]  # 10 MB a minute, all along
     got = _rss(leak)
     assert got["slope_mb_per_min"] == 10.0 and 13 < got["after_warmup_growth_pct"] < 15
-    assert _rss(leak[:100])["growth_pct"] is None  # under 2 minutes: no growth figure
+    assert _rss(leak[:119])["growth_pct"] is None  # under 2 minutes: no growth figure
+    assert _rss(leak[:120])["growth_pct"] is not None  # a 120 s phase: samples 0..119
     assert _rss([]) == {}
 
 

@@ -43,7 +43,7 @@ def test_status_metrics_health_and_logs(service: Service) -> None:
               if line and not line.startswith("#")}
     assert gauges["process_resident_memory_bytes"] > 50 * 2**20
     assert gauges["evactors_python_allocated_blocks"] > 10_000
-    assert gauges['evactors_python_gc_collections{generation="0"}'] >= 1
+    assert gauges['python_gc_collections_total{generation="0"}'] >= 1
 
     assert run_cli("status", "--data-dir", str(service.data_dir / "nowhere")).returncode == 3
     assert service.stop() == 0
