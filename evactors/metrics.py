@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import sys
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, ProcessCollector
 
@@ -60,3 +62,31 @@ PYTHON_BLOCKS = Gauge("evactors_python_allocated_blocks",
                       "process_resident_memory_bytes, tells Python's growth from the rest (chDB)",
                       registry=REGISTRY)
 PYTHON_BLOCKS.set_function(sys.getallocatedblocks)
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+        "keepcost")]
+
+
+def _glibc_mallinfo() -> Callable[[], _Mallinfo2] | None:
+    """glibc's ``mallinfo2`` (2.33+), or None elsewhere (musl, macOS)."""
+    try:
+        function = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    function.restype = _Mallinfo2
+    function.argtypes = []
+    return function  # type: ignore[no-any-return]
+
+
+MALLOC = Gauge("evactors_malloc_bytes",
+               "glibc's malloc in the main process: in_use (what C code and Python's buffers over "
+               "512 bytes hold), free (freed, kept in its arenas, not returned to the system)",
+               ["kind"], registry=REGISTRY)
+_mallinfo = _glibc_mallinfo()
+if _mallinfo is not None:
+    _info = _mallinfo
+    MALLOC.labels("in_use").set_function(lambda: float(_info().uordblks + _info().hblkhd))
+    MALLOC.labels("free").set_function(lambda: float(_info().fordblks))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import time
 
 from conftest import CHROME, GB_IP, Service, message, run_cli
@@ -44,6 +45,9 @@ def test_status_metrics_health_and_logs(service: Service) -> None:
     assert gauges["process_resident_memory_bytes"] > 50 * 2**20
     assert gauges["evactors_python_allocated_blocks"] > 10_000
     assert gauges['python_gc_collections_total{generation="0"}'] >= 1
+    if platform.libc_ver()[0] == "glibc":
+        assert gauges['evactors_malloc_bytes{kind="in_use"}'] > 1 << 20
+        assert gauges['evactors_malloc_bytes{kind="free"}'] >= 0
 
     assert run_cli("status", "--data-dir", str(service.data_dir / "nowhere")).returncode == 3
     assert service.stop() == 0
