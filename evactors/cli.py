@@ -56,8 +56,10 @@ def load_config(args: argparse.Namespace) -> cfg.Config:
 def cmd_run(args: argparse.Namespace) -> int:
     import trio
 
+    from .malloc import limit_arenas
     from .supervisor import StartupError, run
 
+    limit_arenas()  # before any thread starts: see evactors/malloc.py
     config = load_config(args)
     setup_logging(config)
 

@@ -1182,6 +1182,10 @@ def main_loadtest(argv: list[str]) -> int:
     return finish_report(result, verification, floor, as_json=args.json, kind="loadtest")
 
 
+def _exit_on_sigterm(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main_bench(argv: list[str]) -> int:
     import shutil
 
@@ -1199,6 +1203,8 @@ def main_bench(argv: list[str]) -> int:
         raise SystemExit(f"{data_dir} is not empty: bench needs a fresh data dir")
     env = dict(e.partition("=")[::2] for e in args.env)
     service = BenchService(data_dir, "bench-key", "bench", env)
+    # SIGTERM (a timeout, a supervisor) unwinds like Ctrl-C, so the service is stopped, not orphaned.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     opts = _options(args, phases, url="", write_key="bench-key", project="bench", run_id=f"b{args.seed}",
                     data_dir=data_dir)
     opts = replace(opts, report_dir=report_dir)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import ctypes
 import sys
-from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, ProcessCollector
+
+from .malloc import mallinfo
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 # process_resident_memory_bytes, process_cpu_seconds_total, open fds: of this process only
@@ -64,29 +64,17 @@ PYTHON_BLOCKS = Gauge("evactors_python_allocated_blocks",
 PYTHON_BLOCKS.set_function(sys.getallocatedblocks)
 
 
-class _Mallinfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-        "keepcost")]
-
-
-def _glibc_mallinfo() -> Callable[[], _Mallinfo2] | None:
-    """glibc's ``mallinfo2`` (2.33+), or None elsewhere (musl, macOS)."""
-    try:
-        function = ctypes.CDLL(None).mallinfo2
-    except (OSError, AttributeError):
-        return None
-    function.restype = _Mallinfo2
-    function.argtypes = []
-    return function  # type: ignore[no-any-return]
-
-
 MALLOC = Gauge("evactors_malloc_bytes",
                "glibc's malloc in the main process: in_use (what C code and Python's buffers over "
                "512 bytes hold), free (freed, kept in its arenas, not returned to the system)",
                ["kind"], registry=REGISTRY)
-_mallinfo = _glibc_mallinfo()
+_mallinfo = mallinfo()
 if _mallinfo is not None:
     _info = _mallinfo
-    MALLOC.labels("in_use").set_function(lambda: float(_info().uordblks + _info().hblkhd))
+
+    def _malloc_in_use() -> float:
+        info = _info()  # one snapshot: the heap's blocks and the mmapped ones together
+        return float(info.uordblks + info.hblkhd)
+
+    MALLOC.labels("in_use").set_function(_malloc_in_use)
     MALLOC.labels("free").set_function(lambda: float(_info().fordblks))

@@ -4,6 +4,9 @@ its insert and its delete, never double a row."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,3 +140,24 @@ async def test_a_late_flusher_never_drops_the_next_plan(valkey: Any, clickhouse:
     await a.flush_all(None)  # A (or anyone) carries out P2: same token, no double
     assert count(clickhouse) == (total, total)
     assert redis_a.client.get(keys.flush_plan(0)) is None and redis_a.client.xlen(keys.buffer(0)) == 0
+
+
+def _dirty_decay_ms(client: Any) -> int:
+    stats = client.query("SELECT * FROM system.jemalloc_stats").result_rows[0][0]
+    return int(stats.split("opt.dirty_decay_ms: ", 1)[1].split()[0])
+
+
+def test_the_embedded_engine_returns_freed_memory_within_a_second(clickhouse: ClickHouse,
+                                                                  tmp_path: Path) -> None:
+    """chDB's jemalloc keeps freed pages 5 s by default (100-300 MB after an insert or a merge);
+    the embedded engine starts with 1 s, without leaving the setting to child processes, and
+    JE_MALLOC_CONF in the environment wins."""
+    assert _dirty_decay_ms(clickhouse.client) == 1000
+    assert "JE_MALLOC_CONF" not in os.environ
+    script = ("import sys; from evactors.clickhouse import connect; "
+              "stats = connect(sys.argv[1]).query('SELECT * FROM system.jemalloc_stats').result_rows[0][0]; "
+              "print(stats.split('opt.dirty_decay_ms: ', 1)[1].split()[0])")
+    out = subprocess.run([sys.executable, "-c", script, f"chdb://{tmp_path / 'ch'}"], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "JE_MALLOC_CONF": "dirty_decay_ms:2500"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "2500"

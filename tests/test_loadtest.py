@@ -5,7 +5,9 @@ to end (service, traffic, stop, exactly-once and oracle checks, floor, report)."
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -177,3 +179,52 @@ def test_bench_runs_end_to_end(tmp_path: Path) -> None:
     floor = report["floor"]
     assert floor["stored"] == floor["events"] > 1000 and floor["events_per_s"] > 0
     assert 0 < floor["service_ratio"]
+
+
+def test_bench_stopped_by_sigterm_stops_its_service(tmp_path: Path) -> None:
+    """A bench ended by SIGTERM (a CI timeout, a supervisor) takes its service and Valkey with it."""
+    report_dir = tmp_path / "bench"
+    bench = subprocess.Popen(
+        [str(BIN), "bench", "--phase", "300:120", "--no-floor", "--connections", "2", "--senders", "1",
+         "--report-dir", str(report_dir), "--no-progress"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    service_json = report_dir / "data" / "service.json"
+    valkey_pid_file = report_dir / "data" / "redis" / "valkey.pid"
+    try:
+        deadline = time.monotonic() + 120
+        while not (service_json.exists() and valkey_pid_file.exists()) and time.monotonic() < deadline:
+            assert bench.poll() is None, "bench ended before its service started"
+            time.sleep(0.2)
+        time.sleep(1)  # the harness is sending
+        service_pid = json.loads(service_json.read_text())["pid"]
+        pids = [service_pid, int(valkey_pid_file.read_text()), *_children(service_pid)]
+        assert len(pids) >= 3 and all(_alive(pid) for pid in pids)  # service, Valkey, session worker
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in pids if _alive(pid)]
+    finally:
+        bench.kill()
+        bench.wait()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited; its parent has not reaped it yet

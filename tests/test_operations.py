@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
+import subprocess
+import sys
 import time
+
+import pytest
 
 from conftest import CHROME, GB_IP, Service, message, run_cli
 
@@ -57,3 +62,41 @@ def test_status_metrics_health_and_logs(service: Service) -> None:
     rejected = [e for e in lines if e.get("request_id") == "trace-42"]
     assert rejected and "400 invalid_event" in rejected[0]["msg"]
     assert GB_IP not in log and "Windows NT" not in log  # no raw IPs or user agents in logs
+
+
+_ARENAS = """
+import ctypes, sys, threading
+from evactors.malloc import limit_arenas
+
+capped = limit_arenas()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+held = []
+together = threading.Barrier(6)
+def allocate() -> None:
+    held.append(libc.malloc(100_000))  # a new thread's first malloc takes an arena of its own
+    together.wait()  # all alive at once: none hands its arena on to the next
+threads = [threading.Thread(target=allocate) for _ in range(6)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(int(capped), flush=True)
+libc.malloc_stats()  # per arena, on stderr
+"""
+
+
+def _arenas(env: dict[str, str] | None = None) -> tuple[bool, int]:
+    proc = subprocess.run([sys.executable, "-c", _ARENAS], capture_output=True, text=True, timeout=60,
+                          env={k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"} | (env or {}))
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip() == "1", sum(line.startswith("Arena ") for line in proc.stderr.splitlines())
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_the_service_caps_glibcs_arenas_unless_the_environment_says() -> None:
+    """Six threads would take six arenas of their own (up to 8 per core), each keeping what is
+    freed in it; the service caps them at 2. MALLOC_ARENA_MAX in the environment wins."""
+    assert _arenas() == (True, 2)
+    assert _arenas({"MALLOC_ARENA_MAX": "3"}) == (False, 3)

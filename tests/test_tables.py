@@ -4,8 +4,11 @@ views they feed, and versioned session rows read without double counting."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import redis
 
@@ -104,3 +107,46 @@ def test_a_session_rewritten_with_a_higher_version_counts_once(service: Service)
     service.query("OPTIMIZE TABLE evactors.sessions FINAL")  # merges converge on the same row
     assert service.query(f"SELECT count() AS n, any(page_count) AS pages FROM evactors.sessions {where}") == [
         {"n": 1, "pages": 5}]
+
+
+_PART_REMOVAL = """
+import os, sys, time
+from evactors.clickhouse import MERGE_TREE_TABLES, connect, migrate
+
+def threads() -> int:
+    return len(os.listdir(f"/proc/{os.getpid()}/task"))
+
+client = connect(f"chdb://{sys.argv[1]}")
+migrate(client, "db")
+engines = dict(client.query("SELECT name, engine FROM system.tables WHERE database = 'db'").result_rows)
+merge_trees = sorted(n for n, e in engines.items() if e.endswith("MergeTree") and n != "schema_migrations")
+assert merge_trees == sorted(MERGE_TREE_TABLES), merge_trees
+for table in merge_trees:
+    ddl = client.query(f"SHOW CREATE TABLE db.{table}").result_rows[0][0]
+    assert "concurrent_part_removal_threshold = 1000000000" in ddl, ddl
+before = threads()
+client.command("SYSTEM STOP MERGES db.events")
+for i in range(150):  # 150 parts (over the default threshold of 100), outdated by one merge
+    client.command(f"INSERT INTO db.events (project_id, id, name) VALUES ('p', generateUUIDv4(), 'E{i}')")
+client.command("SYSTEM START MERGES db.events")
+client.command("OPTIMIZE TABLE db.events FINAL")
+outdated = -1
+for _ in range(120):
+    outdated = client.query("SELECT count() FROM system.parts WHERE database = 'db' AND table = 'events' "
+                            "AND NOT active").result_rows[0][0]
+    if outdated == 0:
+        break
+    time.sleep(0.5)
+print(outdated, threads() - before)
+"""
+
+
+def test_outdated_parts_are_removed_without_a_burst_of_threads(tmp_path: Path) -> None:
+    """150 parts outdated at once: ClickHouse's default removes them with up to 128 threads,
+    which then stay idle in its pool (~100 MB resident). Every table of ours removes them with
+    one thread, so the engine's thread count stays where it was."""
+    proc = subprocess.run([sys.executable, "-c", _PART_REMOVAL, str(tmp_path / "clickhouse")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outdated, new_threads = map(int, proc.stdout.split())
+    assert outdated == 0 and new_threads < 20, proc.stdout
