@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -174,9 +176,8 @@ TABLES: dict[str, tuple[type[msgspec.Struct], list[str]]] = {
 }
 
 # Ordered, append-only. A migration is one or more statements; {db} is the database.
-MERGE_TREE_TABLES = ("events", "sessions", "profiles", "events_bots", "daily_events", "daily_page_views",
-                     "daily_active_users", "profile_traits", "profile_summary")
-
+# A table created after migration 6 carries ``SETTINGS concurrent_part_removal_threshold``
+# in its CREATE (a test checks every MergeTree table of ours).
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (1, "events, sessions, profiles", [
         f"""CREATE TABLE IF NOT EXISTS {{db}}.events (
@@ -278,10 +279,12 @@ SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}""",
     # More than 100 outdated parts (chDB drops them as soon as they are merged) are removed
     # by up to 128 threads at once. The threads then stay in ClickHouse's global pool, idle,
     # holding ~100 MB of the embedded engine's memory for the life of the process. One thread
-    # removes our tables' small parts in milliseconds.
+    # removes our tables' small parts in milliseconds. (On a server this applies too: removal
+    # from local disks is one thread; remote disks have their own threshold.)
     (6, "outdated parts removed by one thread (no burst of 128 threads that stay)", [
         f"ALTER TABLE {{db}}.{table} MODIFY SETTING concurrent_part_removal_threshold = 1000000000"
-        for table in MERGE_TREE_TABLES
+        for table in ("events", "sessions", "profiles", "events_bots", "daily_events", "daily_page_views",
+                      "daily_active_users", "profile_traits", "profile_summary")
     ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -322,14 +325,18 @@ def connect(dsn: str) -> Any:
     if not dsn.startswith("chdb://"):
         return clickhouse_connect.get_client(dsn=dsn)
     Path(dsn.removeprefix("chdb://")).mkdir(parents=True, exist_ok=True)
-    if "JE_MALLOC_CONF" in os.environ:
+    if "JE_MALLOC_CONF" in os.environ or "chdb" in sys.modules:  # the user's, or started already
         return clickhouse_connect.get_client(dsn=dsn)
-    # Only while the engine starts: child processes (Valkey has its own jemalloc) keep theirs.
-    os.environ["JE_MALLOC_CONF"] = EMBEDDED_MALLOC_CONF
-    try:
-        return clickhouse_connect.get_client(dsn=dsn)
-    finally:
-        del os.environ["JE_MALLOC_CONF"]
+    with _ENGINE_START:
+        # Only while the engine starts: processes started later keep their own defaults.
+        os.environ["JE_MALLOC_CONF"] = EMBEDDED_MALLOC_CONF
+        try:
+            return clickhouse_connect.get_client(dsn=dsn)
+        finally:
+            os.environ.pop("JE_MALLOC_CONF", None)
+
+
+_ENGINE_START = threading.Lock()
 
 
 def migrate(client: Any, database: str) -> list[int]:

@@ -46,7 +46,7 @@ import tempfile
 import time
 from array import array
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -1182,8 +1182,17 @@ def main_loadtest(argv: list[str]) -> int:
     return finish_report(result, verification, floor, as_json=args.json, kind="loadtest")
 
 
-def _exit_on_sigterm(signum: int, _frame: Any) -> None:
-    raise SystemExit(128 + signum)
+def _exit_on_sigterm(owner: int) -> Callable[[int, Any], None]:
+    """A SIGTERM handler: in ``owner``, unwind like Ctrl-C (once: a second SIGTERM does not cut
+    the clean-up short); in a forked child (a sender, the subscriber), die as before."""
+    def handler(signum: int, _frame: Any) -> None:
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        signal.signal(signum, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+    return handler
 
 
 def main_bench(argv: list[str]) -> int:
@@ -1204,7 +1213,7 @@ def main_bench(argv: list[str]) -> int:
     env = dict(e.partition("=")[::2] for e in args.env)
     service = BenchService(data_dir, "bench-key", "bench", env)
     # SIGTERM (a timeout, a supervisor) unwinds like Ctrl-C, so the service is stopped, not orphaned.
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm(os.getpid()))
     opts = _options(args, phases, url="", write_key="bench-key", project="bench", run_id=f"b{args.seed}",
                     data_dir=data_dir)
     opts = replace(opts, report_dir=report_dir)
@@ -1230,8 +1239,8 @@ def main_bench(argv: list[str]) -> int:
         if code != 0:
             result.notes.append(f"the service exited {code} (expected 0); see {service.log_path}")
     finally:
+        service.kill()  # first: cheap, and a no-op after a clean stop
         test.close()
-        service.kill()
     say("verifying ...")
     reader = LocalReader(data_dir, opts.database)
     try:

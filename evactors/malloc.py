@@ -32,10 +32,13 @@ def _glibc(name: str) -> Callable[..., object] | None:
 
 
 def limit_arenas(arenas: int = ARENA_MAX) -> bool:
-    """Cap glibc's arenas, before threads start; ``MALLOC_ARENA_MAX`` in the environment wins
-    (glibc has applied it already). True when the cap is set."""
+    """Cap glibc's arenas. Call it before a second thread allocates: glibc fixes its limit the
+    first time a thread needs an arena of its own. ``MALLOC_ARENA_MAX`` or
+    ``glibc.malloc.arena_max`` in ``GLIBC_TUNABLES`` wins (glibc has applied it already).
+    True when the cap is set."""
     mallopt = _glibc("mallopt")
-    if mallopt is None or "MALLOC_ARENA_MAX" in os.environ:
+    if (mallopt is None or "MALLOC_ARENA_MAX" in os.environ
+            or "glibc.malloc.arena_max" in os.environ.get("GLIBC_TUNABLES", "")):
         return False
     return bool(mallopt(_M_ARENA_MAX, arenas))
 

@@ -4,7 +4,9 @@ to end (service, traffic, stop, exactly-once and oracle checks, floor, report)."
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import time
@@ -182,7 +184,8 @@ def test_bench_runs_end_to_end(tmp_path: Path) -> None:
 
 
 def test_bench_stopped_by_sigterm_stops_its_service(tmp_path: Path) -> None:
-    """A bench ended by SIGTERM (a CI timeout, a supervisor) takes its service and Valkey with it."""
+    """A bench ended by SIGTERM (a CI timeout, a supervisor) takes its service, the service's Valkey
+    and session worker, and its own sender processes with it."""
     report_dir = tmp_path / "bench"
     bench = subprocess.Popen(
         [str(BIN), "bench", "--phase", "300:120", "--no-floor", "--connections", "2", "--senders", "1",
@@ -190,15 +193,20 @@ def test_bench_stopped_by_sigterm_stops_its_service(tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     service_json = report_dir / "data" / "service.json"
     valkey_pid_file = report_dir / "data" / "redis" / "valkey.pid"
+    pids: list[int] = []
     try:
         deadline = time.monotonic() + 120
         while not (service_json.exists() and valkey_pid_file.exists()) and time.monotonic() < deadline:
             assert bench.poll() is None, "bench ended before its service started"
             time.sleep(0.2)
-        time.sleep(1)  # the harness is sending
+        time.sleep(4)  # the senders start 1.5 s after the service: now they are sending
         service_pid = json.loads(service_json.read_text())["pid"]
-        pids = [service_pid, int(valkey_pid_file.read_text()), *_children(service_pid)]
-        assert len(pids) >= 3 and all(_alive(pid) for pid in pids)  # service, Valkey, session worker
+        valkey_pid = int(valkey_pid_file.read_text())
+        harness = set(_children(bench.pid)) - {service_pid}  # its senders and subscriber
+        pids = sorted({service_pid, valkey_pid, *_children(service_pid), *harness})
+        assert [p for p in _children(service_pid) if p != valkey_pid], "no session worker"
+        assert harness, "no sender processes"
+        assert all(_alive(pid) for pid in pids)
         bench.send_signal(signal.SIGTERM)
         assert bench.wait(timeout=60) == 128 + signal.SIGTERM
         deadline = time.monotonic() + 10
@@ -208,6 +216,9 @@ def test_bench_stopped_by_sigterm_stops_its_service(tmp_path: Path) -> None:
     finally:
         bench.kill()
         bench.wait()
+        for pid in pids:  # whatever a failure left behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _children(pid: int) -> list[int]:

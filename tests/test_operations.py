@@ -89,14 +89,17 @@ libc.malloc_stats()  # per arena, on stderr
 
 def _arenas(env: dict[str, str] | None = None) -> tuple[bool, int]:
     proc = subprocess.run([sys.executable, "-c", _ARENAS], capture_output=True, text=True, timeout=60,
-                          env={k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"} | (env or {}))
+                          env={k: v for k, v in os.environ.items()
+                               if k not in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES")} | (env or {}))
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip() == "1", sum(line.startswith("Arena ") for line in proc.stderr.splitlines())
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
-def test_the_service_caps_glibcs_arenas_unless_the_environment_says() -> None:
+def test_limit_arenas_caps_glibcs_arenas_unless_the_environment_says() -> None:
     """Six threads would take six arenas of their own (up to 8 per core), each keeping what is
-    freed in it; the service caps them at 2. MALLOC_ARENA_MAX in the environment wins."""
+    freed in it; ``limit_arenas`` (which ``bin/evactors run`` calls first) caps them at 2.
+    MALLOC_ARENA_MAX or GLIBC_TUNABLES in the environment wins."""
     assert _arenas() == (True, 2)
     assert _arenas({"MALLOC_ARENA_MAX": "3"}) == (False, 3)
+    assert _arenas({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}) == (False, 4)
