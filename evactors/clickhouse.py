@@ -314,10 +314,11 @@ def embedded_dsn(data_dir: Path) -> str:
 
 
 # chDB's allocator (jemalloc, inside its library) keeps freed pages 5 s before it returns them.
-# Inserts and merges free 100-300 MB at a time, so the engine's resident memory swung between
-# 120 and 420 MB (mean 230) for ~100 MB allocated; at 1 s the mean is ~100 MB. Read once, when
-# the library starts; ``JE_MALLOC_CONF`` in the environment wins.
+# Inserts and merges free 100-300 MB at a time, so in a soak the engine's resident memory swung
+# between 110 and 490 MB (mean ~240) for ~80 MB allocated; at 1 s it stayed at 70-180 MB (mean
+# ~115). Read once, when the library starts; ``JE_MALLOC_CONF`` in the environment wins.
 EMBEDDED_MALLOC_CONF = "dirty_decay_ms:1000"
+_ENGINE_START = threading.Lock()
 
 
 def connect(dsn: str) -> Any:
@@ -334,9 +335,6 @@ def connect(dsn: str) -> Any:
             return clickhouse_connect.get_client(dsn=dsn)
         finally:
             os.environ.pop("JE_MALLOC_CONF", None)
-
-
-_ENGINE_START = threading.Lock()
 
 
 def migrate(client: Any, database: str) -> list[int]:
