@@ -1,5 +1,6 @@
-"""Session workers: the session shards run in child processes, so the pipeline uses more
-than one core.
+"""The session worker link: the session shards run in child processes
+(``service.session_worker``), so the pipeline uses more than one core; this module is the
+frame protocol between them and the link actor, the service's side of one worker.
 
 One Python process runs one event loop on one core at a time. The main process parses,
 makes events durable, enriches and cuts batches by shard, as before; a worker process owns
