@@ -136,6 +136,35 @@ class FlushConfig(_Section):
     chunk_rows: Annotated[int, Doc("Most rows in one ClickHouse insert.")] = 20_000
 
 
+class CorsConfig(_Section):
+    """Browsers: which web pages may send events (CORS, on every route the SDKs use)."""
+
+    origins: Annotated[dict[str, list[str]], Doc(
+        'Project id -> the origins (e.g. "https://shop.example") whose pages may send its events. '
+        "A project not listed here accepts any origin. A request whose Origin a project does not "
+        'list is refused (403 origin_not_allowed). Env: EVACTORS_CORS_ORIGINS=\'{ my-site = '
+        '["https://shop.example"] }\'.')] = {}
+    max_age_seconds: Annotated[int, Doc(
+        "How long a browser may cache a preflight's answer (Access-Control-Max-Age; Chrome "
+        "caps it at 7200).")] = 7200
+
+
+class OpenPanelConfig(_Section):
+    """OpenPanel's API (POST /track): its client ids, mapped to projects."""
+
+    clients: Annotated[dict[str, str], Doc(
+        "OpenPanel client id (header openpanel-client-id) -> project id. Env: "
+        "EVACTORS_OPENPANEL_CLIENTS='{ \"client-id\" = \"my-site\" }'.")] = {}
+    secrets: Annotated[dict[str, str], Doc(
+        "OpenPanel client id -> its client secret. A client listed here is a server client: each "
+        "request must carry the secret (openpanel-client-secret); one not listed is a web client, "
+        "restricted by [cors] origins instead.")] = {}
+    dedup_window_seconds: Annotated[float, Doc(
+        "OpenPanel's SDKs send no event id and retry a failed request with the identical body: "
+        "an identical body from the same client, address and user agent within this many seconds "
+        "is the same event (same messageId, so deduplicated).")] = 30.0
+
+
 class SupervisorConfig(_Section):
     """Restarts, escalation, graceful stop."""
 
@@ -175,6 +204,8 @@ class Config(_Section):
     geoip: GeoIPConfig = msgspec.field(default_factory=GeoIPConfig)
     pipeline: PipelineConfig = msgspec.field(default_factory=PipelineConfig)
     flush: FlushConfig = msgspec.field(default_factory=FlushConfig)
+    cors: CorsConfig = msgspec.field(default_factory=CorsConfig)
+    openpanel: OpenPanelConfig = msgspec.field(default_factory=OpenPanelConfig)
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
 
@@ -333,6 +364,8 @@ def validate(c: Config) -> None:
         ("supervisor.backoff_initial_seconds", c.supervisor.backoff_initial_seconds),
         ("supervisor.backoff_max_seconds", c.supervisor.backoff_max_seconds),
         ("supervisor.drain_seconds", c.supervisor.drain_seconds),
+        ("cors.max_age_seconds", c.cors.max_age_seconds + 1),  # 0 is allowed
+        ("openpanel.dedup_window_seconds", c.openpanel.dedup_window_seconds),
     ]:
         _positive(key, value)
     if c.pipeline.session_workers < 0:
@@ -347,6 +380,19 @@ def validate(c: Config) -> None:
         raise ConfigError("clickhouse.database", "expected letters, digits and _ only")
     if c.geoip.database and not Path(c.geoip.database).is_file():
         raise ConfigError("geoip.database", f"file not found: {c.geoip.database}")
+    for project, origins in c.cors.origins.items():
+        for origin in origins:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ConfigError(f"cors.origins.{project}", "expected origins like "
+                                  f'"https://shop.example" (scheme and host, no path), got {origin!r}')
+    for client, project in c.openpanel.clients.items():
+        if not client or len(client) > 256 or not _PROJECT.fullmatch(project):
+            raise ConfigError(f"openpanel.clients.{client}", "expected a client id (≤ 256 chars) "
+                              f"mapping to a project id; got {project!r}")
+    for client in c.openpanel.secrets:
+        if client not in c.openpanel.clients:
+            raise ConfigError(f"openpanel.secrets.{client}", "a secret for a client id that "
+                              "[openpanel] clients does not list")
     for write_key, project in c.write_keys.items():
         if not write_key or len(write_key) > 256 or not _PROJECT.fullmatch(project):
             raise ConfigError(f"write_keys.{write_key}", "expected a key (≤ 256 chars) mapping to a "

@@ -45,6 +45,9 @@ class Context(msgspec.Struct, omit_defaults=True, gc=False):
     library: Library | None = None
     locale: str | None = None
     timezone: str | None = None
+    # Traits of the user on any call (Segment's spec; RudderStack's identify puts them only
+    # here). Folded into the message's traits at the edge, never stored in the context.
+    traits: dict[str, Any] | None = None
 
 
 Id = str | int  # SDKs send numeric user ids; we keep them as text
@@ -69,6 +72,7 @@ class Message(msgspec.Struct, omit_defaults=True, gc=False):
     previousId: Id | None = None
     groupId: Id | None = None
     writeKey: str | None = None
+    channel: str | None = None  # RudderStack / Segment: "web", "server", "mobile"…
 
 
 class BatchEnvelope(msgspec.Struct):

@@ -32,7 +32,11 @@ from evactors.core.model import BatchEnvelope, Context, Incoming, KeyOnly, Messa
 TYPES = ("track", "page", "screen", "identify", "group", "alias")
 
 
-ENDPOINTS = {f"/v1/{t}": t for t in TYPES} | {"/v1/batch": "batch", "/v1/import": "batch"}
+# analytics.js (analytics-next) posts to Segment's short paths: /v1/t, /v1/p, … and, in its
+# batching mode, /v1/b; its own telemetry goes to /v1/m ("metrics": accepted and dropped).
+SHORT = {"t": "track", "p": "page", "i": "identify", "g": "group", "a": "alias", "b": "batch"}
+ENDPOINTS = ({f"/v1/{t}": t for t in TYPES} | {"/v1/batch": "batch", "/v1/import": "batch"}
+             | {f"/v1/{s}": t for s, t in SHORT.items()} | {"/v1/m": "metrics"})
 
 
 _decode_message = msgspec.json.Decoder(Message).decode
@@ -86,6 +90,9 @@ class Peer:
     ip: str
     user_agent: str
     received_ms: int
+    # RudderStack's headers: the fallback anonymousId (AnonymousId, base64) and sentAt (SentAt)
+    anonymous_id: str = ""
+    sent_at: datetime | None = None
 
 
 def decompress(body: bytes, encoding: str, limit: int) -> bytes:
@@ -212,8 +219,14 @@ def to_incoming(msg: Message, kind: str, project_id: str, peer: Peer,
                 batch_sent_at: datetime | None, fallback_id: str) -> Incoming:
     context = msg.context or Context()
     ip, user_agent = context.ip or peer.ip, context.userAgent or peer.user_agent
-    if context.ip is not None or context.userAgent is not None:
-        context = msgspec.structs.replace(context, ip=None, userAgent=None)
+    traits = msg.traits or {}
+    if kind == "identify" and context.traits:  # RudderStack: identify's traits live here
+        traits = {**context.traits, **traits}
+    if context.ip is not None or context.userAgent is not None or context.traits is not None:
+        context = msgspec.structs.replace(context, ip=None, userAgent=None, traits=None)
+    properties = msg.properties or {}
+    if msg.channel and "channel" not in properties:
+        properties = {**properties, "channel": msg.channel}
     return Incoming(
         project_id=project_id,
         type=kind,
@@ -221,8 +234,8 @@ def to_incoming(msg: Message, kind: str, project_id: str, peer: Peer,
         anonymous_id=_text(msg.anonymousId),
         user_id=_text(msg.userId),
         name=(msg.event if kind == "track" else msg.name) or "",
-        properties=msg.properties or {},
-        traits=msg.traits or {},
+        properties=properties,
+        traits=traits,
         context=context,
         timestamp_ms=min(corrected_timestamp(msg, batch_sent_at, peer.received_ms),
                          peer.received_ms + FUTURE_SLACK_MS),
@@ -250,6 +263,17 @@ def _one(raw: bytes, index: int, kind: str | None, project_id: str, peer: Peer,
     except DECODE_ERRORS as e:
         out.rejected.append(Rejected(index, None, "$", _malformed(e)))
         return
+    accept(msg, raw, index, kind, project_id, peer, batch_sent_at, out)
+
+
+def accept(msg: Message, raw: bytes, index: int, kind: str | None, project_id: str, peer: Peer,
+           batch_sent_at: datetime | None, out: Parsed) -> None:
+    """Validate one decoded message and append it to ``out`` (or its rejection). Every
+    protocol ends here: PostHog's and OpenPanel's adapters build a ``Message`` and call
+    this, so their events are Segment messages from here on. ``raw``: the bytes a missing
+    messageId is derived from."""
+    if not msg.anonymousId and peer.anonymous_id:
+        msg = msgspec.structs.replace(msg, anonymousId=peer.anonymous_id)
     message_kind = kind or msg.type
     if message_kind not in TYPES:
         out.rejected.append(Rejected(index, _text(msg.messageId) or None, "type",
@@ -285,7 +309,7 @@ def parse(kind: str, body: bytes, project_id: str, peer: Peer, max_event_bytes: 
             raise RequestError(400, "event_too_large",
                                f"event is {len(body)} bytes; the limit is {max_event_bytes}"
                                " bytes (32 KB) per event")
-        _one(body, 0, kind, project_id, peer, max_event_bytes, None, out)
+        _one(body, 0, kind, project_id, peer, max_event_bytes, peer.sent_at, out)
         if out.rejected:
             bad = out.rejected[0]
             if bad.error.startswith("malformed JSON"):
@@ -303,5 +327,6 @@ def parse(kind: str, body: bytes, project_id: str, peer: Peer, max_event_bytes: 
         raise RequestError(400, "invalid_batch", "batch: must hold at least one message",
                            field="batch")
     for index, raw in enumerate(envelope.batch):
-        _one(bytes(raw), index, None, project_id, peer, max_event_bytes, envelope.sentAt, out)
+        _one(bytes(raw), index, None, project_id, peer, max_event_bytes, envelope.sentAt or peer.sent_at,
+             out)
     return out
