@@ -41,9 +41,10 @@ async def drain_deadline(shutdown: trio.Event, seconds: float, cancel: trio.Canc
     cancel.cancel()
 
 
-def reloader(write_keys: WriteKeys, geoip: GeoIP,
-             reload_config: Callable[[], Config] | None) -> Callable[[], Awaitable[None]]:
-    """What SIGHUP does: new write keys from the configuration, and a changed GeoIP file."""
+def reloader(write_keys: WriteKeys, geoip: GeoIP, reload_config: Callable[[], Config] | None,
+             reconfigure: Callable[[Config], None] | None = None) -> Callable[[], Awaitable[None]]:
+    """What SIGHUP does: new write keys from the configuration (and ``reconfigure``: the
+    allowed origins, OpenPanel's clients), and a changed GeoIP file."""
 
     async def reload() -> None:
         if reload_config is not None:
@@ -55,6 +56,8 @@ def reloader(write_keys: WriteKeys, geoip: GeoIP,
             if fresh.write_keys:
                 write_keys.replace(fresh.write_keys)
                 log.info("SIGHUP: %d write keys loaded", len(fresh.write_keys))
+            if reconfigure is not None:
+                reconfigure(fresh)
         reloaded = await geoip.reload_if_changed()
         log.info("SIGHUP: geoip database %s", "reloaded" if reloaded else "unchanged")
 

@@ -40,6 +40,7 @@ import trio
 from evactors.core.config import Config
 from evactors.core.exits import EXIT_FATAL, EXIT_OK
 from evactors.core.messages import IngestBatch, Notice, Receipt, ShardBatch
+from evactors.core.openpanel import Clients
 from evactors.enrichment.bots import BotDetector
 from evactors.enrichment.enrich import Enricher
 from evactors.enrichment.geoip import GeoIP
@@ -60,8 +61,10 @@ from evactors.pipeline.sessions import start_shard_actors
 from evactors.service.credentials import AdminToken, WriteKeys
 from evactors.service.http.admin import AdminRoutes
 from evactors.service.http.app import App
+from evactors.service.http.cors import Cors
 from evactors.service.http.health import Health
 from evactors.service.http.live import LiveRoutes
+from evactors.service.http.protocols import OtherApis
 from evactors.service.http.segment_api import SegmentApi
 from evactors.service.http.server import serve_http
 from evactors.service.signals import drain_deadline, reloader, watch_signals
@@ -139,12 +142,22 @@ async def serve(config: Config, parts: Parts, ready: Callable[[dict[str, Any]], 
     durable = DurableLog(redis, keys, parts.wait_aof)
     http_to_enrich = to_enrich_tx.clone()  # closed when the HTTP API stops
     server = config.server
+
+    def projects(c: Config) -> set[str]:  # every project a key or client names (CORS)
+        return set(write_keys.projects()) | set(c.openpanel.clients.values())
+
+    cors, clients = Cors(config.cors, projects(config)), Clients(config.openpanel)
+    segment_api = SegmentApi(server, write_keys, durable, http_to_enrich, backlog, in_flight, cors)
     app = App(
-        SegmentApi(server, write_keys, durable, http_to_enrich, backlog, in_flight),
+        segment_api,
         Health(redis, clickhouse, backlog, server.high_water_events),
         AdminRoutes(parts.admin, status, clickhouse, write_keys, durable, http_to_enrich, in_flight,
                     server.retry_after_seconds),
-        LiveRoutes(write_keys, hub), server.retry_after_seconds)
+        LiveRoutes(write_keys, hub), server.retry_after_seconds, OtherApis(segment_api, clients))
+
+    def reconfigure(fresh: Config) -> None:  # SIGHUP: origins and OpenPanel clients as the file says
+        cors.replace(fresh.cors, projects(fresh))
+        clients.replace(fresh.openpanel)
     publish = Publisher(redis, keys)
     exit_code = EXIT_OK
     systemd = Notifier()
@@ -160,7 +173,7 @@ async def serve(config: Config, parts: Parts, ready: Callable[[dict[str, Any]], 
     try:
         async with trio.open_nursery() as root:
             root.start_soon(watch_signals, shutdown, root.cancel_scope,
-                            reloader(write_keys, parts.geoip, reload_config))
+                            reloader(write_keys, parts.geoip, reload_config, reconfigure))
             root.start_soon(systemd.watchdog)
             root.start_soon(drain_deadline, shutdown, config.supervisor.drain_seconds, root.cancel_scope)
             # Background actors: cancelled with the root once the pipeline has drained.

@@ -16,10 +16,12 @@ import time
 from evactors.core.segment import ENDPOINTS, RequestError
 from evactors.ops import logs, metrics
 from evactors.service.http.admin import AdminRoutes
+from evactors.service.http.cors import Cors
 from evactors.service.http.health import Health
 from evactors.service.http.live import LiveRoutes
+from evactors.service.http.protocols import KINDS, OtherApis, route
 from evactors.service.http.request import JSON, Headers, Receive, Scope, Send, encode, has_body, header
-from evactors.service.http.segment_api import CORS, SegmentApi
+from evactors.service.http.segment_api import SegmentApi
 
 log = logging.getLogger("evactors.ingest")
 
@@ -28,8 +30,10 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")
 
 class App:
     def __init__(self, segment: SegmentApi, health: Health, admin: AdminRoutes,
-                 live: LiveRoutes | None, retry_after: int) -> None:
+                 live: LiveRoutes | None, retry_after: int, others: OtherApis | None = None) -> None:
         self.segment = segment
+        self.cors: Cors = segment.cors  # the same origins as the Segment API checks
+        self.others = others  # PostHog, OpenPanel, the SDKs' telemetry
         self.health = health
         self.admin = admin
         self.live = live
@@ -51,17 +55,27 @@ class App:
         given = header(scope, b"x-request-id")
         rid = given if 0 < len(given) <= 64 and _SAFE_ID.fullmatch(given) else secrets.token_hex(6)
         logs.request_id.set(rid)  # this request's task only: its log lines carry it
-        kind = ENDPOINTS.get(path.rstrip("/"))
+        kind = ENDPOINTS.get(path.rstrip("/")) or (route(path) if self.others is not None else None)
+        # browsers may call every route but the admin's and the live view's (their own page)
+        browser = not path.startswith(("/admin/", "/live"))
+        origin = header(scope, b"origin") if browser else ""
         headers: Headers
         try:
-            if kind is not None:
-                if method == "OPTIONS":
-                    status, headers, body = 204, list(CORS), b""
-                elif method != "POST":
-                    raise RequestError(405, "method_not_allowed", f"{path} accepts POST")
-                else:
+            if method == "OPTIONS" and browser:
+                status, body = 204, b""
+                headers = self.cors.preflight(origin, header(scope, b"access-control-request-headers"),
+                                              bool(header(scope, b"access-control-request-private-network")))
+                browser = False  # its CORS headers are these
+            elif kind is not None:
+                if kind not in KINDS:
+                    if method != "POST":
+                        raise RequestError(405, "method_not_allowed", f"{path} accepts POST")
                     status, payload, extra = await self.segment.track(kind, scope, receive)
-                    headers, body = list(CORS) + extra, encode(payload)
+                else:
+                    assert self.others is not None
+                    status, payload, extra = await self.others(kind, scope, receive)
+                headers, body = extra, payload if isinstance(payload, bytes) else encode(payload)
+                if not extra:
                     headers.append((b"content-type", b"application/json"))
             elif path == "/live/stream" and method == "GET" and self.live is not None:
                 await self.live.stream(scope, receive, send)
@@ -71,10 +85,12 @@ class App:
         except RequestError as e:
             status, body = e.status, encode(e.body)
             log.info("refused %s %r: %d %s", method, path, e.status, e.body["error"])
-            headers = list(JSON) + (list(CORS) if kind else [])
+            headers = list(JSON)
             if e.status == 503:
                 headers.append((b"retry-after", str(self.retry_after).encode()))
 
+        if browser:
+            headers += self.cors.headers(origin)
         metrics.REQUESTS.labels(kind or "other", str(status)).inc()
         if kind is not None:
             metrics.HTTP_LATENCY.observe(time.perf_counter() - started)

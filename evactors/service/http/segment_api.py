@@ -19,27 +19,21 @@ from typing import Any
 import redis
 import trio
 
-from evactors.core.config import ServerConfig
+from evactors.core.config import CorsConfig, ServerConfig
 from evactors.core.messages import IngestBatch
-from evactors.core.segment import Peer, RequestError, body_write_key, decompress, parse
+from evactors.core.segment import Parsed, Peer, RequestError, body_write_key, decompress, parse
 from evactors.enrichment.bots import header_describes_sender
 from evactors.ops import metrics
 from evactors.pipeline.backlog import Backlog
 from evactors.pipeline.durable_log import DurableLog
 from evactors.pipeline.inflight import InFlight
 from evactors.service.credentials import WriteKeys
+from evactors.service.http.cors import Cors
 from evactors.service.http.request import ClientAddress, Receive, Scope, header, read_body
+from evactors.service.http.rudderstack import fallback_headers
 from evactors.store.redis_io import TRANSIENT
 
 log = logging.getLogger("evactors.ingest")
-
-CORS = [
-    (b"access-control-allow-origin", b"*"),
-    (b"access-control-allow-methods", b"POST, OPTIONS"),
-    (b"access-control-allow-headers", b"Content-Type, Authorization, Content-Encoding"),
-    (b"access-control-max-age", b"86400"),
-]
-
 
 def basic_user(value: str) -> str | None:
     """The user name of an HTTP Basic ``Authorization`` header (Segment's write key)."""
@@ -58,8 +52,9 @@ class SegmentApi:
 
     def __init__(self, limits: ServerConfig, write_keys: WriteKeys, durable: DurableLog,
                  outbox: trio.MemorySendChannel[IngestBatch], backlog: Backlog,
-                 in_flight: InFlight) -> None:
+                 in_flight: InFlight, cors: Cors | None = None) -> None:
         self.limits = limits
+        self.cors = cors if cors is not None else Cors(CorsConfig(), set())  # per-project origins
         self.write_keys = write_keys
         self.durable = durable
         self.outbox = outbox
@@ -79,11 +74,25 @@ class SegmentApi:
         project = self.write_keys.project(key)
         if project is None:
             raise RequestError(401, "unauthorized", "missing write key" if not key else "unknown write key")
+        self.check_origin(scope, project)
         header_ua = header(scope, b"user-agent")
         if header_describes_sender(header_ua):
             header_ua = ""  # curl, an SDK's HTTP client…: the sender, not a visitor
-        peer = Peer(self.client_address(scope), header_ua, int(time.time() * 1000))
+        peer = Peer(self.client_address(scope), header_ua, int(time.time() * 1000), *fallback_headers(scope))
         parsed = parse(kind, body, project, peer, limits.max_event_bytes)
+        refused = await self.store(project, parsed)
+        return (400, refused, []) if refused else (200, {"success": True}, [])
+
+    def check_origin(self, scope: Scope, project: str) -> None:
+        """A browser's request for a project that does not list its page's origin: 403."""
+        origin = header(scope, b"origin")
+        if not self.cors.allows(project, origin):
+            raise RequestError(403, "origin_not_allowed", f"origin {origin[:200]!r} may not send "
+                               "this project's events ([cors] origins)")
+
+    async def store(self, project: str, parsed: Parsed) -> dict[str, Any] | None:
+        """Make the parsed events durable and hand them on; the 400 body if some were refused.
+        Every protocol's events end here (protocols.py: PostHog, OpenPanel)."""
         for rejected in parsed.rejected:
             metrics.EVENTS_REJECTED.labels(rejected.field).inc()
         if parsed.events:
@@ -98,10 +107,10 @@ class SegmentApi:
             self.in_flight.add([receipt.entry_id])
             await self.outbox.send(IngestBatch([receipt], parsed.events))
         if parsed.rejected:
-            return 400, {
+            return {
                 "success": False, "error": "invalid_events",
                 "message": f"{len(parsed.rejected)} event(s) rejected, {len(parsed.events)} accepted",
                 "accepted": len(parsed.events),
                 "rejected": [r.as_dict() for r in parsed.rejected[:100]],
-            }, []
-        return 200, {"success": True}, []
+            }
+        return None
