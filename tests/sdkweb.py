@@ -67,6 +67,8 @@ class PageServer:
                 path = urlsplit(self.path).path
                 if path in outer.pages:
                     body, kind = outer.pages[path].encode(), "text/html; charset=utf-8"
+                elif path == "/favicon.ico":  # the browser asks; a 404 would be a console error
+                    body, kind = b"", "image/x-icon"
                 else:
                     file = (SDK_DIR / path.lstrip("/")).resolve()
                     if not path.startswith("/node_modules/") or not file.is_file() \
