@@ -93,6 +93,8 @@ class Peer:
     # RudderStack's headers: the fallback anonymousId (AnonymousId, base64) and sentAt (SentAt)
     anonymous_id: str = ""
     sent_at: datetime | None = None
+    # the key the request was authenticated with: a message naming another is refused
+    write_key: str = ""
 
 
 def decompress(body: bytes, encoding: str, limit: int) -> bytes:
@@ -272,6 +274,10 @@ def accept(msg: Message, raw: bytes, index: int, kind: str | None, project_id: s
     protocol ends here: PostHog's and OpenPanel's adapters build a ``Message`` and call
     this, so their events are Segment messages from here on. ``raw``: the bytes a missing
     messageId is derived from."""
+    if msg.writeKey and peer.write_key and msg.writeKey != peer.write_key:
+        out.rejected.append(Rejected(index, _text(msg.messageId) or None, "writeKey",
+                                     "the message's writeKey differs from the request's"))
+        return
     if not msg.anonymousId and peer.anonymous_id:
         msg = msgspec.structs.replace(msg, anonymousId=peer.anonymous_id)
     message_kind = kind or msg.type

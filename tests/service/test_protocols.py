@@ -242,3 +242,12 @@ def test_openpanel_identical_body_within_the_window_is_one_event(svc: Service) -
     wrong = {**server, "openpanel-client-secret": "nope"}
     r = httpx.post(f"{svc.url}/track", json=body, headers=wrong)
     assert r.status_code == 401 and "secret" in r.json()["message"]
+
+
+def test_a_segment_message_naming_another_write_key_is_refused_not_stored_elsewhere(svc: Service) -> None:
+    batch = [{"type": "track", "event": "Mine", "anonymousId": "a", "messageId": "m-mine", "writeKey": "key-a"},
+             {"type": "track", "event": "Theirs", "anonymousId": "a", "messageId": "m-theirs", "writeKey": "key-b"}]
+    r = svc.batch(batch)
+    assert r.status_code == 400 and r.json()["rejected"][0]["field"] == "writeKey", r.text
+    assert [e["message_id"] for e in _events(svc, 1)] == ["m-mine"]
+    assert svc.query("SELECT count() AS n FROM evactors.events WHERE project_id = 'project-b'")[0]["n"] == 0

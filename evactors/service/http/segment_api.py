@@ -78,7 +78,8 @@ class SegmentApi:
         header_ua = header(scope, b"user-agent")
         if header_describes_sender(header_ua):
             header_ua = ""  # curl, an SDK's HTTP client…: the sender, not a visitor
-        peer = Peer(self.client_address(scope), header_ua, int(time.time() * 1000), *fallback_headers(scope))
+        peer = Peer(self.client_address(scope), header_ua, int(time.time() * 1000), *fallback_headers(scope),
+                    write_key=key or "")
         parsed = parse(kind, body, project, peer, limits.max_event_bytes)
         refused = await self.store(project, parsed)
         return (400, refused, []) if refused else (200, {"success": True}, [])
