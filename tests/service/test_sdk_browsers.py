@@ -43,9 +43,10 @@ def two_projects(make_service: Any) -> Service:
 
 
 def _run_page(site: PageServer, html: str, script: str, name: str, settle: Callable[[], bool] | None = None,
-              ) -> list[str]:
+              leave: str = "") -> list[str]:
     """Open the page in Chromium, run ``script`` (an async function body), keep the page open
-    until ``settle()`` holds; the browser console's errors (and uncaught ones) are returned."""
+    until ``settle()`` holds; the browser console's errors (and uncaught ones) are returned.
+    ``leave``: run that too, then leave the page at once (what an SDK sends while unloading)."""
     from playwright.sync_api import sync_playwright
 
     site.pages[f"/{name}.html"] = html
@@ -63,6 +64,9 @@ def _run_page(site: PageServer, html: str, script: str, name: str, settle: Calla
         page.evaluate(f"async () => {{ {script} }}")
         if settle is not None:
             wait_for(settle, 40, f"{name}: the SDK's requests")
+        if leave:
+            page.evaluate(f"() => {{ {leave} }}")
+            page.goto("about:blank")
         page.wait_for_timeout(300)
         browser.close()
     return errors
@@ -243,12 +247,15 @@ def test_posthog_js_capture_reaches_the_pipeline_with_its_uuids_and_identify_tra
         posthog.alias('ph-alias');
     """
     wanted = {"$pageview", "Bought", "$identify", "$groupidentify", "$create_alias"}
+    leave = "posthog.capture('Leaving', {why: 'unload'})"  # sent by sendBeacon as the page goes
     try:
         def captures() -> list[Any]:
             return [s for s in proxy.posts() if s.path.startswith(("/e/", "/i/v0/e", "/batch"))]
 
         errors = _run_page(site, html, script, "posthog", lambda: wanted <= {
-            e["event"] for e in _posthog_events([s for s in captures() if s.status == 200])})
+            e["event"] for e in _posthog_events([s for s in captures() if s.status == 200])}, leave=leave)
+        wait_for(lambda: "Leaving" in {e["event"] for e in _posthog_events(
+            [s for s in captures() if s.status == 200])}, 20, "the event sent while leaving")
         posts = captures()
         assert not errors, errors  # nothing the SDK complains of, CORS or its configuration
         startup = [s for s in proxy.seen if s.path.startswith(("/flags", "/decide", "/array"))]
@@ -266,7 +273,10 @@ def test_posthog_js_capture_reaches_the_pipeline_with_its_uuids_and_identify_tra
         assert any(p["profile_id"] == "ph-user" and p["traits"].get("email") == "hedy@example.com"
                    for p in profiles)
         gzipped = sum(s.body[:2] == GZIP_MAGIC for s in posts)
-        print(f"\nposthog-js: {len(posts)} posts to {sorted({s.path.split('?')[0] for s in posts})} "
+        beacon = [s for s in posts if s.headers.get("sec-fetch-mode") == "no-cors"]  # sendBeacon's mode
+        assert beacon and beacon[-1].status == 200 and "Leaving" in json.dumps(_posthog_events(beacon))
+        paths = sorted({s.path.split("?")[0] for s in posts})
+        print(f"\nposthog-js: {len(posts)} posts ({len(beacon)} by sendBeacon) to {paths} "
               f"({sorted({s.headers.get('content-type', '') for s in posts})}, gzip "
               f"{gzipped}); start-up calls {sorted({(s.method, s.path.split('?')[0]) for s in startup})}; "
               f"{len(sent_ids)} uuids, {len(rows)} rows")
