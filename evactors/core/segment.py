@@ -36,7 +36,9 @@ TYPES = ("track", "page", "screen", "identify", "group", "alias")
 # batching mode, /v1/b; its own telemetry goes to /v1/m ("metrics": accepted and dropped).
 SHORT = {"t": "track", "p": "page", "i": "identify", "g": "group", "a": "alias", "b": "batch"}
 ENDPOINTS = ({f"/v1/{t}": t for t in TYPES} | {"/v1/batch": "batch", "/v1/import": "batch"}
-             | {f"/v1/{s}": t for s, t in SHORT.items()} | {"/v1/m": "metrics"})
+             | {f"/v1/{s}": t for s, t in SHORT.items()} | {"/v1/m": "metrics"}
+             # RudderStack's sendBeacon transport (useBeacon): the write key in ?writeKey=
+             | {"/beacon/v1/batch": "batch"})
 
 
 _decode_message = msgspec.json.Decoder(Message).decode

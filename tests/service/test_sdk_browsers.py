@@ -179,28 +179,37 @@ def test_rudderstack_v3_headers_pass_the_preflight_and_identify_traits_reach_pro
     proxy = Proxy(service.url, fail={"/v1/track": 1})  # its first track: a 503, so it retries
     umd = "/node_modules/@rudderstack/analytics-js/dist/npm/modern/bundled/umd/index.js"
     html = f"""<!doctype html><title>Rudder shop</title><script src="{umd}"></script>"""
-    script = """
+
+    def script(options: str) -> str:
+        return """
         const ra = new rudderanalytics.RudderAnalytics();
         await new Promise(resolve => {
           ra.load('key-a', '""" + proxy.url + """', {
             getSourceConfig: () => ({source: {id: 'src-1', name: 'shop', workspaceId: 'ws-1', enabled: true,
                                               config: {}, destinations: []}}),
             loadIntegration: false, polyfillIfRequired: false, sendAdblockPage: false,
-            queueOptions: {minRetryDelay: 200, maxRetryDelay: 1000},
+            """ + options + """
             onLoaded: () => resolve()});
         });
         ra.page();
         ra.identify('rs-user', {email: 'grace@example.com', plan: 'team'});
         ra.track('Bought', {sku: 'r-1', price: 9.5});
     """
+
     try:
-        errors = _run_page(site, html, script, "rudder",
-                           lambda: {"/v1/page", "/v1/identify", "/v1/track"} <= {
+        errors = _run_page(site, html, script("queueOptions: {minRetryDelay: 200, maxRetryDelay: 1000},"),
+                           "rudder", lambda: {"/v1/page", "/v1/identify", "/v1/track"} <= {
                                s.path for s in proxy.posts("/v1/") if s.status == 200})
+        # its sendBeacon transport: /beacon/v1/batch?writeKey=…, a text/plain batch, no headers
+        errors += _run_page(site, html, script("useBeacon: true, beaconQueueOptions: {flushQueueInterval: 300},"),
+                            "rudder-beacon", lambda: any(s.status == 200 for s in proxy.posts("/beacon/")))
         posts = proxy.posts("/v1/")
         assert not errors, errors  # no CORS failure, nothing the SDK complains of
+        beacons = proxy.posts("/beacon/v1/batch?writeKey=key-a")
+        assert beacons and all(s.status == 200 and "authorization" not in s.headers for s in beacons)
         ok = [s for s in posts if s.status == 200]
-        sent_ids = {b["messageId"] for b in _bodies(ok)}
+        sent_ids = {b["messageId"] for b in _bodies(ok)} | {m["messageId"] for b in _bodies(beacons)
+                                                            for m in b["batch"]}
         identify = next(b for s, b in zip(ok, _bodies(ok), strict=True) if s.path == "/v1/identify")
         assert identify["context"]["traits"]["email"] == "grace@example.com" and not identify.get("traits")
         first = posts[0]
@@ -214,7 +223,8 @@ def test_rudderstack_v3_headers_pass_the_preflight_and_identify_traits_reach_pro
         profiles = service.wait_rows("SELECT profile_id, traits FROM evactors.profiles "
                                      "WHERE project_id = 'project-a'", 1)
         assert profiles[0]["profile_id"] == "rs-user" and profiles[0]["traits"]["email"] == "grace@example.com"
-        print(f"\nrudderstack: {len(posts)} posts to {sorted({s.path for s in posts})}; headers "
+        print(f"\nrudderstack: {len(posts)} posts to {sorted({s.path for s in posts})}, {len(beacons)} beacons "
+              f"({sum(len(b['batch']) for b in _bodies(beacons))} events); headers "
               f"{sorted(k for k in retried[0].headers if k.startswith(('rsa-', 'anonymousid', 'sentat')))}; "
               f"{len(sent_ids)} message ids, {len(rows)} rows")
     finally:

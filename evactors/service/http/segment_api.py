@@ -30,7 +30,7 @@ from evactors.pipeline.inflight import InFlight
 from evactors.service.credentials import WriteKeys
 from evactors.service.http.cors import Cors
 from evactors.service.http.request import ClientAddress, Receive, Scope, header, read_body
-from evactors.service.http.rudderstack import fallback_headers
+from evactors.service.http.rudderstack import fallback_headers, query_write_key
 from evactors.store.redis_io import TRANSIENT
 
 log = logging.getLogger("evactors.ingest")
@@ -70,7 +70,8 @@ class SegmentApi:
                                "mark; retry later", retry_after=limits.retry_after_seconds)
         raw = await read_body(scope, receive, limits.max_batch_bytes)
         body = decompress(raw, header(scope, b"content-encoding"), limits.max_batch_bytes)
-        key = basic_user(header(scope, b"authorization")) or body_write_key(body)
+        key = (basic_user(header(scope, b"authorization")) or body_write_key(body)
+               or query_write_key(scope))
         project = self.write_keys.project(key)
         if project is None:
             raise RequestError(401, "unauthorized", "missing write key" if not key else "unknown write key")
