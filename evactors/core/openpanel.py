@@ -115,7 +115,10 @@ def _page(props: dict[str, Any]) -> dict[str, Any] | None:
     href = _text(props.get("__path"))
     page: dict[str, Any] = {}
     if href:
-        parts = urlsplit(href)
+        try:
+            parts = urlsplit(href)
+        except ValueError:  # e.g. a broken IPv6 host: kept as the path, as sent
+            parts = urlsplit("")
         if parts.scheme and parts.netloc:
             page["url"], page["path"] = href, parts.path or "/"
             if parts.query:

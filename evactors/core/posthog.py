@@ -160,6 +160,14 @@ def event_key(event: dict[str, Any]) -> str | None:
     return _text(event.get("api_key") or event.get("token") or props.get("token")) or None
 
 
+def _search(url: str) -> str | None:
+    try:
+        query = urlsplit(url).query if url else ""
+    except ValueError:  # e.g. a broken IPv6 host: the URL is kept as sent, without a search
+        return None
+    return "?" + query if query else None
+
+
 def to_message(event: dict[str, Any], received_ms: int) -> tuple[str, dict[str, Any]] | tuple[None, str]:
     """(Segment type, message fields), or (None, the problem)."""
     name = event.get("event")
@@ -208,7 +216,7 @@ def to_message(event: dict[str, Any], received_ms: int) -> tuple[str, dict[str, 
     page = {"url": url or None, "path": _text(props.get("$pathname")) or None,
             "referrer": referrer if referrer and referrer != "$direct" else None,
             "title": _text(props.get("title") or props.get("$title")) or None,
-            "search": ("?" + urlsplit(url).query) if url and urlsplit(url).query else None}
+            "search": _search(url)}
     library = {"name": _text(props.get("$lib")) or None, "version": _text(props.get("$lib_version")) or None}
     msg["context"] = {
         "ip": _text(props.get("$ip")) or None,

@@ -121,3 +121,20 @@ def test_cors_and_openpanel_settings_are_checked_at_start() -> None:
     loaded = config.load(environ={"EVACTORS_OPENPANEL_CLIENTS": '{ c = "p" }',
                                   "EVACTORS_OPENPANEL_SECRETS": '{ c = "s" }'})
     assert loaded.openpanel.clients == {"c": "p"} and loaded.openpanel.secrets == {"c": "s"}
+
+
+def test_a_broken_url_or_deep_nesting_is_kept_or_refused_never_an_exception() -> None:
+    event = {"event": "x", "distinct_id": "d", "properties": {"$current_url": "http://[::1/x?y=1"}}
+    request = posthog.read(json.dumps({"api_key": "k", "batch": [event]}).encode())
+    assert len(posthog.parse(request, "p", PEER, 32_768).events) == 1
+    raw = json.dumps({"type": "track", "payload": {"name": "x", "properties": {"__path": "http://[::1/x"}}}).encode()
+    clients = openpanel.Clients(OpenPanelConfig(clients={"c": "p"}))
+    parsed = openpanel.parse(openpanel.read(raw), raw, clients.message_id("p", "c", "", "", raw, 1), "p", PEER, 32_768)
+    assert len(parsed.events) == 1
+    deep = b"[" * 5000 + b"]" * 5000
+    for body in (deep, b'{"api_key": "k", "batch": [' + deep + b"]}"):
+        try:
+            request = posthog.read(body)
+            posthog.parse(request, "p", PEER, 1 << 20)
+        except RequestError as e:
+            assert e.status == 400

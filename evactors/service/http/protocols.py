@@ -20,7 +20,7 @@ from prometheus_client import Counter
 
 from evactors.core import openpanel, posthog
 from evactors.core.openpanel import Clients
-from evactors.core.segment import Peer, RequestError, decompress
+from evactors.core.segment import DECODE_ERRORS, Peer, RequestError, decompress
 from evactors.enrichment.bots import header_describes_sender
 from evactors.ops.metrics import REGISTRY
 from evactors.service.http.request import Headers, Receive, Scope, header, read_body
@@ -102,7 +102,7 @@ class OtherApis:
             for raw in request.events[:1]:
                 try:
                     first = msgspec.json.decode(raw)
-                except msgspec.DecodeError:
+                except DECODE_ERRORS:
                     break
                 if isinstance(first, dict):
                     request.key = posthog.event_key(first) or request.key
