@@ -208,7 +208,7 @@ def test_posthog_mapping_of_identify_alias_group_and_screen(svc: Service) -> Non
     ("/batch/", b'{"api_key": "key-a", "batch": [{"distinct_id": "d"}]}', {}, 400, "invalid_events"),
     ("/batch/", b'{"api_key": "key-a", "batch": [{"event": "x"}]}', {}, 400, "invalid_events"),
     ("/batch/", b'{"api_key": "key-a", "batch": 5}', {}, 400, "invalid_batch"),
-    ("/e/?token=key-a", b"[" + b"[" * 3000 + b"]" * 3000 + b"]", {}, 400, "invalid_events"),
+    ("/e/?token=key-a", b"[" + b"[" * 3000 + b"]" * 3000 + b"]", {}, 400, "malformed_json"),
     ("/e/", b'{"api_key": "key-a", "batch": [{"event": "x", "distinct_id": "d", "properties": '
      b'{"$current_url": "http://[::1/x"}, "timestamp": "not a time"}]}', {}, 400, "invalid_events"),
     ("/track", b'{"type": "track", "payload": {"name": "x"}}', {}, 401, "unauthorized"),
