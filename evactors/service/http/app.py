@@ -1,9 +1,11 @@
 """The HTTP surface as one ASGI application: a request id and metrics for every request,
-then a route: Segment's API, the live view, health and metrics, admin.
+then a route: Segment's API, PostHog's and OpenPanel's, the live view, health and
+metrics, admin.
 
 Each group of routes is its own object with its own collaborators (``segment_api``,
-``live``, ``health``, ``admin``); this module only dispatches and writes the reply, so a
-route's error (``RequestError``) becomes the same JSON reply everywhere.
+``protocols``, ``live``, ``health``, ``admin``); this module only dispatches and writes the
+reply, so a route's error (``RequestError``) becomes the same JSON reply everywhere, and
+every route a browser may call gets its CORS headers here (``cors``), errors and 404s too.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from evactors.store.redis_io import TRANSIENT
 
 log = logging.getLogger("evactors.ingest")
 
+
 def basic_user(value: str) -> str | None:
     """The user name of an HTTP Basic ``Authorization`` header (Segment's write key)."""
     scheme, _, encoded = value.partition(" ")
