@@ -50,6 +50,7 @@ class Service:
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
+        self.admin = ""  # the admin listener: unix:PATH (default) or a URL
         self.log_path = data_dir.parent / f"{data_dir.name}.log"
         self.http = httpx.Client(timeout=30)
 
@@ -61,7 +62,8 @@ class Service:
             cmd += ["--write-key", f"{key}={project}"]
         env = {**os.environ, "EVACTORS_LOG_FORMAT": "json",
                "EVACTORS_PIPELINE_SESSION_SWEEP_SECONDS": "0.5",
-               "EVACTORS_FLUSH_INTERVAL_SECONDS": "0.2", **self.env}
+               "EVACTORS_FLUSH_INTERVAL_SECONDS": "0.2",
+               "EVACTORS_TEST_ADMIN_WRITES": "1", **self.env}  # /admin/execute: DETACH TABLE…
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd + self.args, stdout=log, stderr=log, env=env)
         deadline = time.monotonic() + timeout
@@ -75,6 +77,7 @@ class Service:
                     info = None
                 if info and info.get("pid") == self.proc.pid:
                     self.url = info["url"]
+                    self.admin = info["admin"]
                     return self
             time.sleep(0.05)
         raise RuntimeError(f"service did not start in {timeout}s:\n{self.log()}")
@@ -100,10 +103,34 @@ class Service:
 
     # --- reading ------------------------------------------------------------------------
 
+    def admin_client(self) -> httpx.Client:
+        """A client of the admin listener: base URL http://admin (a Unix socket) or its URL."""
+        if self.admin.startswith("unix:"):
+            return httpx.Client(transport=httpx.HTTPTransport(uds=self.admin[5:]),
+                                base_url="http://admin", timeout=30)
+        return httpx.Client(base_url=self.admin, timeout=30)
+
+    def admin_request(self, method: str, path: str, content: bytes | None = None,
+                      token: str | None = None) -> httpx.Response:
+        if token is None:
+            token = (self.data_dir / "admin.token").read_text().strip()
+        with self.admin_client() as client:
+            return client.request(method, path, content=content,  # bytes: any token, even non-ASCII
+                                  headers={"authorization": f"Bearer {token}".encode()})
+
+    def read_key(self, project: str) -> str:
+        """The live view's key of ``project`` (generated in the data dir)."""
+        return (self.data_dir / f"read_key.{project}").read_text().strip()
+
+    def metrics(self) -> str:
+        with self.admin_client() as client:
+            return client.get("/metrics").text
+
     def query(self, sql: str) -> list[dict[str, Any]]:
-        token = (self.data_dir / "admin.token").read_text().strip()
-        r = self.http.post(f"{self.url}/admin/query", content=sql.encode(),
-                           headers={"authorization": f"Bearer {token}"})
+        """Read-only SQL through /admin/query; other statements (DETACH TABLE, SYSTEM STOP
+        MERGES, INSERT…) through the test hook /admin/execute."""
+        read = sql.lstrip().split(None, 1)[0].upper() in ("SELECT", "WITH", "SHOW", "DESCRIBE", "EXISTS")
+        r = self.admin_request("POST", "/admin/query" if read else "/admin/execute", sql.encode())
         assert r.status_code == 200, r.text
         body = r.json()
         return [dict(zip(body["columns"], row, strict=False)) for row in body["rows"]]

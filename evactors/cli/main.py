@@ -13,8 +13,6 @@ import logging
 import os
 import string
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,8 @@ import msgspec
 
 from evactors.core import config as cfg
 from evactors.core.exits import EXIT_CONFIG, EXIT_FATAL, EXIT_NO_SERVICE, EXIT_OK
+from evactors.store import admin_client
+from evactors.store.admin_client import AdminError
 from evactors.store.paths import DataDir
 
 
@@ -58,14 +58,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from evactors.service.supervisor import StartupError
 
     limit_arenas()  # before any thread starts: see evactors/malloc.py
+    os.umask(0o077)  # every file of the service (Valkey's AOF, chDB's parts) private to its user
     config = load_config(args)
     setup_logging(config)
 
     def ready(info: dict[str, Any]) -> None:
         print(f"evactors listening on {info['url']} (data in {info['data_dir']})", flush=True)
-        if info.get("write_key"):
+        if info.get("write_key"):  # only when generated now: it is not printed again
             print(f"write key: {info['write_key']}  (project 'default'; kept in "
                   f"{info['data_dir']}/write_key)", flush=True)
+        for key, project in (info.get("read_keys") or {}).items():
+            print(f"read key of project {project!r} (the live view, /live?key=…): {key}  "
+                  f"(kept in {info['data_dir']}/read_key.{project})", flush=True)
+        print(f"admin API and /metrics on {info['admin']}", flush=True)
 
     try:
         return trio.run(run, config, ready, lambda: load_config(args))
@@ -111,8 +116,9 @@ def query_sql(config: cfg.Config, sql: str) -> tuple[list[str], list[list[Any]]]
         if info is not None:
             try:
                 body = _admin(info, data_dir, "/admin/query", sql.encode(), timeout=120)
-            except urllib.error.HTTPError as e:
-                raise RuntimeError(json.loads(e.read()).get("message", str(e))) from None
+            except AdminError as e:
+                message = e.body.get("message", str(e)) if isinstance(e.body, dict) else str(e)
+                raise RuntimeError(message) from None
             return body["columns"], body["rows"]
         dsn = embedded_dsn(data_dir)
         if not DataDir(data_dir).clickhouse.exists():
@@ -140,13 +146,10 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 def _admin(info: dict[str, Any], data_dir: Path, path: str, data: bytes | None = None,
            timeout: float = 30) -> Any:
-    """A call to the running service's admin API (GET, or POST with ``data``): its JSON."""
+    """A call to the running service's admin listener (GET, or POST with ``data``): its
+    JSON (AdminError on an error status)."""
     token = DataDir(data_dir).admin_token.read_text().strip()
-    request = urllib.request.Request(info["url"].rstrip("/") + path, data=data,
-                                     method="GET" if data is None else "POST",
-                                     headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
+    return admin_client.call(info["admin"], token, path, data, timeout)
 
 
 def _running_or_say(config: cfg.Config, hint: str = "") -> dict[str, Any] | None:
@@ -183,8 +186,8 @@ def cmd_remap(args: argparse.Namespace) -> int:
     body = json.dumps({"project": args.project, "pairs": pairs}).encode()
     try:
         result = _admin(info, config.data_path, "/admin/remap", body, timeout=120)
-    except urllib.error.HTTPError as e:
-        print(f"remap refused: {json.loads(e.read()).get('message', e)}", file=sys.stderr)
+    except AdminError as e:
+        print(f"remap refused: {e}", file=sys.stderr)
         return EXIT_FATAL
     except OSError as e:  # it stopped meanwhile: nothing was (or all was) taken, say so
         print(f"evactors (pid {info['pid']}) does not answer: {e}; run the remap again "
@@ -204,7 +207,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_NO_SERVICE
     try:
         status = _admin(info, config.data_path, "/admin/status")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, AdminError) as e:
         print(f"evactors (pid {info['pid']}) does not answer: {e}", file=sys.stderr)
         return EXIT_FATAL
     if args.json:

@@ -82,7 +82,7 @@ def markdown() -> str:
             name, text = _describe(field)
             default = _default(field)
             shown = "{}" if isinstance(default, dict) else _toml_value(default)
-            env = "EVACTORS_WRITE_KEYS" if field.name == "write_keys" else cfg.env_name(section, field.name)
+            env = cfg.env_name(section, field.name)  # EVACTORS_WRITE_KEYS, EVACTORS_READ_KEYS: k=p,…
             name, text = name.replace("|", "&#124;"), text.replace("|", "&#124;")
             lines.append(f"| `{field.name}` | {name} | `{shown}` | `{env}` | {text} |")
         lines.append("")
@@ -96,7 +96,7 @@ def toml() -> str:
             out.append(f"[{section}]")
             out.append(f"# {(typ.__doc__ or '').strip()}")
         for field in fields:
-            if field.name == "write_keys":
+            if field.name in ("write_keys", "read_keys"):
                 continue
             _name, text = _describe(field)
             out += [f"# {line}" for line in textwrap.wrap(text, 90)]
@@ -105,4 +105,7 @@ def toml() -> str:
     write_keys = next(f for f in msgspec.structs.fields(cfg.Config) if f.name == "write_keys")
     out += [f"# {line}" for line in textwrap.wrap(_describe(write_keys)[1], 90)]
     out += ["[write_keys]", '# "replace-me-with-a-long-random-key" = "my-site"', ""]
+    read_keys = next(f for f in msgspec.structs.fields(cfg.Config) if f.name == "read_keys")
+    out += [f"# {line}" for line in textwrap.wrap(_describe(read_keys)[1], 90)]
+    out += ["[read_keys]", '# "another-long-random-key-for-the-live-view" = "my-site"', ""]
     return "\n".join(out)

@@ -22,7 +22,9 @@ ENV_PREFIX = "EVACTORS_"
 # Variables of the deployment, not settings: the config file's path, and the install and
 # runtime directories that conf/supervisord.conf uses.
 RESERVED_ENV = frozenset({"EVACTORS_CONFIG", "EVACTORS_HOME", "EVACTORS_RUN_DIR",
-                          "EVACTORS_TEST_POISON_EVENT"})  # the last: a test's fault hook
+                          # the last two: test hooks (a poison event; /admin/execute for
+                          # the fault tests' DETACH TABLE and the like)
+                          "EVACTORS_TEST_POISON_EVENT", "EVACTORS_TEST_ADMIN_WRITES"})
 
 
 class ConfigError(Exception):
@@ -58,6 +60,14 @@ class ServerConfig(_Section):
     read_timeout_seconds: Annotated[float, Doc(
         "A connection that sends nothing for this long is closed: idle keep-alive connections, "
         "and slow clients that never finish a request (slowloris).")] = 10.0
+    high_water_bytes: Annotated[int, Doc(
+        "Bytes of events waiting in Redis (the ingest stream and the buffers, as Redis's MEMORY "
+        "USAGE counts them) above which ingest answers 503, as past high_water_events. 0: a "
+        "third of the Redis's maxmemory (none when the Redis has no maxmemory).")] = 0
+    live_viewers: Annotated[int, Doc("Live-view streams (/live/stream) open at once, all projects.")] = 100
+    live_viewers_per_project: Annotated[int, Doc(
+        "Live-view streams open at once on one project: one project's viewers cannot take "
+        "every other project's places.")] = 20
 
 
 class RedisConfig(_Section):
@@ -72,6 +82,18 @@ class RedisConfig(_Section):
         "(WAITAOF on Redis >= 7.2 / Valkey; the embedded server runs with appendfsync always).")] = "fast"
     key_prefix: Annotated[str, Doc("Prefix of every key the service writes.")] = "evx"
     timeout_seconds: Annotated[float, Doc("Socket timeout of one Redis call, in seconds.")] = 5.0
+    maxmemory: Annotated[int, Doc(
+        "Embedded Valkey only: its memory limit in bytes (maxmemory, with maxmemory-policy "
+        "noeviction: a full Redis refuses writes, ingest answers 503, nothing is evicted). "
+        "0: a quarter of the machine's memory (at least 64 MB, at most 8 GB).")] = 0
+    allow_eviction: Annotated[bool, Doc(
+        "An external Redis whose maxmemory-policy evicts keys (anything but noeviction) is "
+        "refused at start (exit 2): an evicted dedup marker doubles an event, an evicted stream "
+        "loses acknowledged ones. true: start anyway (at your own risk).")] = False
+    aof_rewrite_seconds: Annotated[float, Doc(
+        "Embedded Valkey only: its append-only file is rewritten this often (when it has grown), "
+        "so the raw client IPs of processed requests leave the disk within about this long. "
+        "0: only Valkey's own growth-based rewrites.")] = 300.0
 
 
 class ClickHouseConfig(_Section):
@@ -126,6 +148,11 @@ class PipelineConfig(_Section):
         'What is kept of the client IP and user agent after enrichment: "remove" (nothing), '
         '"truncate" (the IP\'s /24 or /48 network, no user agent), "keep".')] = "remove"
     ua_cache_size: Annotated[int, Doc("Entries in the user-agent (and page URL) caches.")] = 20_000
+    max_held_view_bytes: Annotated[int, Doc(
+        "Properties a screen view may keep while it is held in its session's state (JSON bytes); "
+        "past it the largest are dropped from the held view and named in its "
+        "`__truncated_properties` property. Bounds a session's state in Redis to about "
+        "8 held views of this size.")] = 4096
     geo_cache_size: Annotated[int, Doc("Entries in the GeoIP cache.")] = 100_000
 
 
@@ -179,6 +206,15 @@ class SupervisorConfig(_Section):
         "Seconds allowed to drain in-flight events on SIGTERM/SIGINT; the rest stays in Redis.")] = 15.0
 
 
+class AdminConfig(_Section):
+    """The admin API (/admin/*) and /metrics: on their own listener, never the public one."""
+
+    listen: Annotated[str, Doc(
+        "Where the admin API listens: empty for a Unix socket DATA/admin.sock (only the service's "
+        "user can open it), unix:/PATH for another socket, or HOST:PORT for TCP (requests still "
+        "need the admin token, except /metrics).")] = ""
+
+
 class LogConfig(_Section):
     """Logging."""
 
@@ -192,12 +228,17 @@ class Config(_Section):
 
     data_dir: Annotated[str, Doc(
         "Where the embedded Valkey (DATA/redis) and chDB (DATA/clickhouse) keep their files, with "
-        "the generated write key and the admin token. Flag: --data-dir.")] = "./data"
+        "the generated write key, read keys and admin token (the directory is kept 0700, its "
+        "secret files 0600). Flag: --data-dir.")] = "./data"
     write_keys: Annotated[dict[str, str], Doc(
         "Write key -> project id. Senders authenticate with HTTP Basic (key as user name, empty "
         'password) or a "writeKey" field in the body. Empty: a key is generated for project '
         '"default", kept in DATA/write_key, and printed at start. Env: EVACTORS_WRITE_KEYS="k1=p1,k2=p2". '
         "Flag: --write-key KEY=PROJECT (repeatable; replaces these). Re-read on SIGHUP.")] = {}
+    read_keys: Annotated[dict[str, str], Doc(
+        "Read key -> project id: what opens the live view (/live?key=…, /live/stream?key=…); "
+        "write keys do not (browser write keys are public). A project without one gets a "
+        "generated key, kept in DATA/read_key.PROJECT and printed when it is made.")] = {}
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
     clickhouse: ClickHouseConfig = msgspec.field(default_factory=ClickHouseConfig)
@@ -207,6 +248,7 @@ class Config(_Section):
     cors: CorsConfig = msgspec.field(default_factory=CorsConfig)
     openpanel: OpenPanelConfig = msgspec.field(default_factory=OpenPanelConfig)
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
+    admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
 
     @property
@@ -235,8 +277,8 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX) or name in RESERVED_ENV:
             continue
-        if name == "EVACTORS_WRITE_KEYS":
-            out["write_keys"] = parse_write_keys(raw.split(","), key="EVACTORS_WRITE_KEYS")
+        if name in ("EVACTORS_WRITE_KEYS", "EVACTORS_READ_KEYS"):
+            out[name.removeprefix(ENV_PREFIX).lower()] = parse_write_keys(raw.split(","), key=name)
             continue
         path = known.get(name)
         if path is None:
@@ -347,6 +389,12 @@ def validate(c: Config) -> None:
         ("server.high_water_events", c.server.high_water_events),
         ("server.retry_after_seconds", c.server.retry_after_seconds),
         ("server.read_timeout_seconds", c.server.read_timeout_seconds),
+        ("server.high_water_bytes", c.server.high_water_bytes + 1),  # 0: derived
+        ("server.live_viewers", c.server.live_viewers),
+        ("server.live_viewers_per_project", c.server.live_viewers_per_project),
+        ("redis.maxmemory", c.redis.maxmemory + 1),  # 0: derived
+        ("redis.aof_rewrite_seconds", c.redis.aof_rewrite_seconds + 1),  # 0: off
+        ("pipeline.max_held_view_bytes", c.pipeline.max_held_view_bytes),
         ("redis.timeout_seconds", c.redis.timeout_seconds),
         ("clickhouse.timeout_seconds", c.clickhouse.timeout_seconds),
         ("pipeline.enrichers", c.pipeline.enrichers),
@@ -393,6 +441,16 @@ def validate(c: Config) -> None:
         if client not in c.openpanel.clients:
             raise ConfigError(f"openpanel.secrets.{client}", "a secret for a client id that "
                               "[openpanel] clients does not list")
+    if c.admin.listen and not c.admin.listen.startswith("unix:"):
+        parse_listen(c.admin.listen, "admin.listen")
+    for name, keys in (("read_keys", c.read_keys),):
+        for read_key, project in keys.items():
+            if len(read_key) < 16 or len(read_key) > 256 or not _PROJECT.fullmatch(project):
+                raise ConfigError(f"{name}.{read_key}", "expected a key of 16 to 256 chars mapping "
+                                  f"to a project id (letters, digits, '.', '_', '-'); got {project!r}")
+            if read_key in c.write_keys:
+                raise ConfigError(f"{name}.{read_key}", "a read key must not also be a write key "
+                                  "(write keys are public in browsers)")
     for write_key, project in c.write_keys.items():
         if not write_key or len(write_key) > 256 or not _PROJECT.fullmatch(project):
             raise ConfigError(f"write_keys.{write_key}", "expected a key (≤ 256 chars) mapping to a "

@@ -87,6 +87,7 @@ class Plan:
     first_request: dict[bytes, int]  # messageId of an event -> its first request * 2 + (1: a screen view)
     stop: Any  # multiprocessing Event: the coordinator asks the subscriber to stop
     stopping: Any  # multiprocessing Event: the service was asked to stop (saves now are its final flush)
+    admin_address: str = ""  # the service's admin listener (unix:PATH or a URL): re-maps go there
 
     @property
     def deadline(self) -> float:
@@ -152,7 +153,13 @@ async def _sender(plan: Plan, index: int) -> None:
     lanes = [lane for lane in range(len(traffic.lanes)) if lane % opts.senders == index]
     buckets = Buckets(plan.t0)
     lag = new_hist()  # how late the harness sent, when it was free to send on time
-    batch_url, remap_url = opts.url.rstrip("/") + "/v1/batch", opts.url.rstrip("/") + "/admin/remap"
+    batch_url = opts.url.rstrip("/") + "/v1/batch"
+    if plan.admin_address.startswith("unix:"):  # the admin API is on its own listener
+        admin_connector: aiohttp.BaseConnector = aiohttp.UnixConnector(path=plan.admin_address[5:])
+        remap_url = "http://admin/admin/remap"
+    else:
+        admin_connector = aiohttp.TCPConnector(limit=2)
+        remap_url = plan.admin_address.rstrip("/") + "/admin/remap"
     auth = "Basic " + base64.b64encode(f"{opts.write_key}:".encode()).decode()
     headers = {"Authorization": auth, "Content-Type": "application/json"}
     wrong_key = {"Authorization": "Basic " + base64.b64encode(b"no-such-key:").decode(),
@@ -164,6 +171,8 @@ async def _sender(plan: Plan, index: int) -> None:
     connector = aiohttp.TCPConnector(limit=len(lanes) + 1, keepalive_timeout=5.0)  # < the server's 10 s
     session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=opts.timeout),
                                     auto_decompress=False, skip_auto_headers=("User-Agent",))
+    admin_session = aiohttp.ClientSession(connector=admin_connector,
+                                          timeout=aiohttp.ClientTimeout(total=opts.timeout))
 
     async def send(request: int, intended: float, phase: int) -> tuple[int, int, list[int] | None]:
         """One request, retried after 503 or no answer; (status, attempts, rejected indices)."""
@@ -176,7 +185,8 @@ async def _sender(plan: Plan, index: int) -> None:
             attempts += 1
             status, accepted, rejected, wait = ERROR, 0, None, 0.0
             try:
-                async with session.post(url, data=body, headers=hdrs) as response:
+                async with (admin_session if flag == REMAP else session).post(
+                        url, data=body, headers=hdrs) as response:
                     status = response.status
                     payload = await response.read()  # read whole: the connection is reused
                     if status == 200:
@@ -271,6 +281,7 @@ async def _sender(plan: Plan, index: int) -> None:
         done.set()
         await reporter
         await session.close()
+        await admin_session.close()
     plan.results.put(("sender-done", index))
 
 
@@ -489,6 +500,16 @@ class LoadTest:
         except OSError:
             return None
 
+    def admin_address(self) -> str:
+        if self.opts.data_dir is None:
+            return ""
+        from evactors.store.admin_client import admin_address
+
+        try:
+            return admin_address(self.opts.data_dir)
+        except (OSError, ValueError, KeyError):
+            return ""
+
     def prepare(self) -> Traffic:
         from evactors.harness.traffic import browser_user_agents
 
@@ -531,7 +552,8 @@ class LoadTest:
             at += phase.seconds
         results = self._ctx.Queue()
         plan = Plan(opts, traffic, 0.0, starts, RawArray("d", max(1, len(traffic))), results,
-                    self.admin_token(), first_request, self._ctx.Event(), self._ctx.Event())
+                    self.admin_token(), first_request, self._ctx.Event(), self._ctx.Event(),
+                    self.admin_address())
         self._plan = plan
         result = RunResult(opts, traffic, 0.0, starts, [PhaseStats() for _ in opts.phases], {}, {}, new_hist(),
                            Counter(), [], notes=notes)

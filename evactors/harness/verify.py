@@ -22,9 +22,6 @@ compared with the generator's oracle (``evactors.harness.oracle``).
 from __future__ import annotations
 
 import hashlib
-import json
-import urllib.error
-import urllib.request
 from collections import defaultdict
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +30,7 @@ from typing import Any, Protocol
 from evactors.harness import oracle
 from evactors.harness.run import BEHIND, ERROR, MALFORMED, PLAIN, REMAP, WRONG_KEY, Options, RunResult, replay_requests
 from evactors.harness.traffic import Request
+from evactors.store.admin_client import admin_address
 from evactors.store.paths import DataDir
 
 SHOW = 10  # ids named per finding in the report
@@ -46,19 +44,19 @@ class Reader(Protocol):
 
 
 class AdminReader:
-    """A running service's ``/admin/query`` (bearer token from its data dir)."""
+    """A running service's ``/admin/query`` on its admin listener (``unix:PATH`` or a URL;
+    bearer token from its data dir)."""
 
-    def __init__(self, url: str, token: str) -> None:
-        self.url, self.token = url.rstrip("/") + "/admin/query", token
+    def __init__(self, address: str, token: str) -> None:
+        self.address, self.token = address, token
 
     def query(self, sql: str) -> tuple[list[str], list[list[Any]]]:
-        request = urllib.request.Request(self.url, data=sql.encode(), method="POST",
-                                         headers={"Authorization": f"Bearer {self.token}"})
+        from evactors.store.admin_client import AdminError, call
+
         try:
-            with urllib.request.urlopen(request, timeout=300) as response:
-                body = json.loads(response.read())
-        except urllib.error.HTTPError as e:
-            raise RuntimeError(f"/admin/query: {e.read()[:500]!r}") from None
+            body = call(self.address, self.token, "/admin/query", sql.encode(), timeout=300)
+        except AdminError as e:
+            raise RuntimeError(f"/admin/query: {str(e)[:500]}") from None
         return body["columns"], body["rows"]
 
 
@@ -93,9 +91,10 @@ def reader_for_running(opts: Options) -> Reader | None:
     if opts.data_dir is not None:
         try:
             token = DataDir(opts.data_dir).admin_token.read_text().strip()
-        except OSError:
+            address = admin_address(opts.data_dir)
+        except (OSError, ValueError, KeyError):
             return None
-        return AdminReader(opts.url, token)
+        return AdminReader(address, token)
     return None
 
 

@@ -135,3 +135,15 @@ if _mallinfo is not None:
 
     MALLOC.labels("in_use").set_function(_malloc_in_use)
     MALLOC.labels("free").set_function(lambda: float(_info().fordblks))
+
+# Redis bounded by bytes (evactors/redis_memory.py)
+REDIS_USED_MEMORY = Gauge("evactors_redis_used_memory_bytes", "Redis's used_memory", registry=REGISTRY)
+REDIS_MAXMEMORY = Gauge("evactors_redis_maxmemory_bytes", "Redis's maxmemory (0: none)",
+                        registry=REGISTRY)
+BACKLOG_BYTES = Gauge("evactors_backlog_bytes", "Bytes of the ingest stream and the buffers "
+                      "(MEMORY USAGE, sampled)", registry=REGISTRY)
+REDIS_EVICTED = Counter("evactors_redis_evicted_keys", "Keys Redis evicted while the service ran "
+                        "(each one may lose or double events: should stay 0)", registry=REGISTRY)
+HELD_VIEWS_TRUNCATED = Counter("evactors_held_views_truncated", "Screen views whose properties were "
+                               "cut to pipeline.max_held_view_bytes while held in a session's state",
+                               registry=REGISTRY)

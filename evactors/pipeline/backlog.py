@@ -17,7 +17,7 @@ import trio
 
 from evactors.ops import metrics
 from evactors.store.keys import Keys
-from evactors.store.redis_io import TRANSIENT, RedisIO
+from evactors.store.redis_io import RedisIO, transient
 
 log = logging.getLogger("evactors.backlog")
 
@@ -83,7 +83,9 @@ async def backlog_gauges(backlog: Backlog, depths: Callable[[], dict[str, int]] 
             await backlog.lag()
             await backlog.redis.run(functools.partial(
                 backlog.redis.client.set, backlog.keys.buffer_size_cached, total, ex=15))
-        except TRANSIENT as e:
+        except Exception as e:  # Redis away, or full (OOM refuses the cached size's SET)
+            if not transient(e):
+                raise
             log.warning("backlog refresh failed: %s", e)
         for channel, depth in (depths() if depths else {}).items():
             metrics.CHANNEL_DEPTH.labels(channel).set(depth)

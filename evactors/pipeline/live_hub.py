@@ -1,6 +1,8 @@
 """The live hub: an actor that listens on the ``event:received`` pub/sub channel — the same
 notifications any other consumer gets — only while someone is watching, and fans each
-project's events out to that project's viewers (``service.http.live`` serves them).
+project's events out to that project's viewers (``service.http.live`` serves them, to holders
+of the project's read key). Each project has its own cap of viewers, so one project's
+viewers never shut out another's.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ CHANNEL = "event:received"
 
 
 # What a viewer sees of an event: no ids of people (the write key that opens the stream is
-# public in browser SDKs), only what the page shows.
+# may be shared with a wall display), only what the page shows.
 SHOWN = ("id", "name", "path", "country", "city", "browser", "os", "device", "created_at")
 
 
@@ -43,8 +45,10 @@ class Full(Exception):
 
 
 class LiveHub:
-    def __init__(self, redis_url: str, keys: Keys) -> None:
+    def __init__(self, redis_url: str, keys: Keys, max_viewers: int = MAX_VIEWERS,
+                 per_project: int = MAX_VIEWERS // 5) -> None:
         self.redis_url = redis_url
+        self.max_viewers, self.per_project = max_viewers, per_project
         self.keys = keys
         self.viewers: set[Viewer] = set()
         self.someone = trio.Event()
@@ -53,8 +57,10 @@ class LiveHub:
         self.visitors: dict[str, int] = {}  # watched project → live visitors, once a second
 
     def join(self, project: str) -> Viewer:
-        if len(self.viewers) >= MAX_VIEWERS:
-            raise Full(f"{MAX_VIEWERS} viewers already")
+        if len(self.viewers) >= self.max_viewers:
+            raise Full(f"{self.max_viewers} viewers already")
+        if sum(1 for v in self.viewers if v.project == project) >= self.per_project:
+            raise Full(f"{self.per_project} viewers of this project already")
         viewer = Viewer(project)
         self.viewers.add(viewer)
         self.someone.set()

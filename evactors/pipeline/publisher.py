@@ -24,7 +24,7 @@ from evactors.core.model import EventRow
 from evactors.store.clickhouse import TABLES
 from evactors.store.keys import Keys
 from evactors.store.live import LAST_SCREEN_VIEW_TTL, LIVE_WINDOW_MS
-from evactors.store.redis_io import TRANSIENT, RedisIO
+from evactors.store.redis_io import RedisIO, transient
 from evactors.store.scripts import SET_LAST_VIEWS
 
 log = logging.getLogger("evactors.publisher")
@@ -94,5 +94,7 @@ async def publisher(pub: Publisher, inbox: trio.MemoryReceiveChannel[Notice]) ->
         batch = take_queued(inbox, notice, limit=64)
         try:
             await pub.publish(batch)
-        except TRANSIENT as e:  # notifications are best effort; the data is safe elsewhere
+        except Exception as e:  # notifications are best effort; the data is safe elsewhere
+            if not transient(e):  # (a full Redis refuses them with OOM: skipped too)
+                raise
             log.warning("publish skipped, redis unavailable: %s", e)

@@ -177,11 +177,37 @@ class Loaded:
         self.sources = sources  # re-mapped ids' states, read only
 
 
+TRUNCATED = "__truncated_properties"
+
+
+def trim_properties(view: EventRow, limit: int) -> None:
+    """Bound a view held in a session's state: past ``limit`` bytes of properties (as JSON),
+    the largest are dropped, and named (sorted, comma-separated) in ``__truncated_properties``.
+    Up to MAX_HELD_VIEWS views are held per session, so its state stays within about
+    MAX_HELD_VIEWS × ``limit`` (a 30 KB page view held 30 KB per visitor before)."""
+    props = view.properties
+    sizes = {k: len(k) + len(v.encode()) + 6 for k, v in props.items()}  # "k":"v",
+    total = sum(sizes.values())
+    if total <= limit:
+        return
+    dropped = []
+    for key in sorted(props, key=lambda k: (-sizes[k], k)):
+        if total <= limit - 64:  # room for the note
+            break
+        total -= sizes[key]
+        dropped.append(key)
+    view.properties = {k: v for k, v in props.items() if k not in dropped}
+    note = ",".join(sorted(dropped))
+    view.properties[TRUNCATED] = note if len(note) <= 512 else f"{len(dropped)} properties"
+    metrics.HELD_VIEWS_TRUNCATED.inc()
+
+
 class SessionShard:
     def __init__(self, shard: int, redis: RedisIO, keys: Keys, timeout_s: int, dedup_s: int,
                  clock: Callable[[], float] = time.time, *, lateness_s: int = 60,
-                 shards: int = 1) -> None:
+                 shards: int = 1, max_held_view_bytes: int = 4096) -> None:
         self.shard = shard
+        self.max_held_view_bytes = max_held_view_bytes
         self.shards = shards
         self.redis = redis
         self.keys = keys
@@ -380,6 +406,7 @@ class SessionShard:
             row.duration = released.at - t
             commit.events.append(row)
             return
+        trim_properties(row, self.max_held_view_bytes)  # what a session state holds is bounded
         views = s.held()
         views.insert(bisect.bisect_right([v.created_at for v in views], t), row)
         s.hold(views)
@@ -571,7 +598,8 @@ def start_shard_actors(nursery: trio.Nursery, supervise: Callable[..., Awaitable
     actor = functools.partial(session_actor, close_on_shutdown=pipe.close_sessions_on_shutdown)
     for index, to_shard in inboxes.items():
         shard = SessionShard(index, redis, keys, pipe.session_timeout_seconds, pipe.dedup_window_seconds,
-                             lateness_s=pipe.lateness_seconds, shards=pipe.session_shards)
+                             lateness_s=pipe.lateness_seconds, shards=pipe.session_shards,
+                             max_held_view_bytes=pipe.max_held_view_bytes)
         r, n = receipts.clone(), notices.clone()
         nursery.start_soon(functools.partial(
             supervise, f"session-{index}", actor, shard, to_shard, r, n, pipe.session_sweep_seconds,

@@ -1,6 +1,7 @@
-"""Credentials: write keys (→ project) and the admin token. A config without write keys
-gets a generated one, kept in the data dir with the admin token (0600), so a first-time
-user can send an event at once. Keys are compared by digest or in constant time.
+"""Credentials: write keys (→ project), read keys (→ project: the live view) and the admin
+token. A config without write keys gets a generated one, kept in the data dir with the
+admin token and a read key per project (0600, created with O_EXCL), so a first-time user
+can send an event at once. Keys are compared by digest or in constant time.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import secrets
 from pathlib import Path
 
+from evactors.store import files
 from evactors.store.paths import DataDir
 
 log = logging.getLogger("evactors.ingest")
@@ -52,24 +54,37 @@ class AdminToken:
 log = logging.getLogger("evactors.supervisor")
 
 
-def load_or_create_write_key(data_dir: Path) -> tuple[str, str]:
-    """The generated write key of a config without any, kept in the data dir."""
-    path = DataDir(data_dir).write_key
-    if path.exists():
-        key, _, project = path.read_text().strip().partition("=")
-        if key and project:
-            return key, project
-    key = secrets.token_urlsafe(24)
-    path.write_text(f"{key}=default\n")
-    path.chmod(0o600)
-    return key, "default"
+def load_or_create_write_key(data_dir: Path) -> tuple[str, str, bool]:
+    """The generated write key of a config without any, kept in the data dir (0600).
+    Returns (key, project, made now): it is printed only when made."""
+    def valid(text: str) -> bool:
+        key, _, project = text.strip().partition("=")
+        return bool(key and project)
+
+    text, made = files.secret(DataDir(data_dir).write_key,
+                              lambda: f"{secrets.token_urlsafe(24)}=default\n", valid)
+    key, _, project = text.strip().partition("=")
+    return key, project, made
 
 
 def load_or_create_admin_token(data_dir: Path) -> str:
-    path = DataDir(data_dir).admin_token
-    if path.exists() and len(path.read_text().strip()) >= 16:  # an empty token opens nothing
-        return path.read_text().strip()
-    token = secrets.token_urlsafe(32)
-    path.write_text(token + "\n")
-    path.chmod(0o600)
-    return token
+    # an empty or short token opens nothing: replaced
+    text, _ = files.secret(DataDir(data_dir).admin_token, lambda: secrets.token_urlsafe(32) + "\n",
+                           lambda t: len(t.strip()) >= 16)
+    return text.strip()
+
+
+def load_or_create_read_keys(data_dir: Path, projects: list[str],
+                             configured: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Read key → project (the live view's): the configured ones, and for each project
+    without one a key generated into DATA/read_key.PROJECT (0600). Returns (all keys, those
+    made now)."""
+    keys = dict(configured)
+    made: dict[str, str] = {}
+    for project in sorted(set(projects) - set(configured.values())):
+        text, new = files.secret(DataDir(data_dir).read_key(project),
+                                 lambda: secrets.token_urlsafe(24) + "\n", lambda t: len(t.strip()) >= 16)
+        keys[text.strip()] = project
+        if new:
+            made[text.strip()] = project
+    return keys, made

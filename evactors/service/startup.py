@@ -15,12 +15,21 @@ import trio
 from evactors.core.config import Config, ConfigError
 from evactors.core.exits import EXIT_OK
 from evactors.enrichment.geoip import GeoIP
-from evactors.service.credentials import AdminToken, WriteKeys, load_or_create_admin_token, load_or_create_write_key
+from evactors.service.credentials import (
+    AdminToken,
+    WriteKeys,
+    load_or_create_admin_token,
+    load_or_create_read_keys,
+    load_or_create_write_key,
+)
 from evactors.service.supervisor import StartupError
 from evactors.service.topology import Parts, serve
+from evactors.store import files
 from evactors.store.clickhouse import ClickHouse, embedded_dsn
 from evactors.store.keys import Keys
+from evactors.store.paths import DataDir
 from evactors.store.redis_io import RedisIO
+from evactors.store.redis_memory import check_eviction, embedded_maxmemory
 from evactors.store.valkey import DataDirLock, EmbeddedValkey
 
 log = logging.getLogger("evactors.supervisor")
@@ -31,7 +40,8 @@ async def run(config: Config, ready: Callable[[dict[str, Any]], None] | None = N
     """Run the service until stopped. Returns the process exit code. ``reload_config``
     re-reads the configuration on SIGHUP (write keys and GeoIP are applied live)."""
     data_dir = config.data_path
-    data_dir.mkdir(parents=True, exist_ok=True)
+    files.private_dir(data_dir)  # 0700, tightened if an older run left it looser
+    files.private_tree(DataDir(data_dir).redis)
     lock = DataDirLock(data_dir)
     if not lock.acquire():
         raise StartupError(f"another evactors owns {data_dir} (lock {lock.path})")
@@ -41,13 +51,16 @@ async def run(config: Config, ready: Callable[[dict[str, Any]], None] | None = N
         redis_url = config.redis.url
         embedded = None
         if not redis_url:
-            embedded = EmbeddedValkey(data_dir, config.redis.durability)
+            embedded = EmbeddedValkey(data_dir, config.redis.durability,
+                                      embedded_maxmemory(config.redis.maxmemory))
             await trio.to_thread.run_sync(embedded.start)
             stack.callback(embedded.stop)
             redis_url = embedded.url
         redis = RedisIO(redis_url, config.redis.timeout_seconds)
         stack.callback(redis.close)
         await trio.to_thread.run_sync(redis.client.ping)
+        if embedded is None:  # exit 2 naming the setting when it evicts (unless allowed)
+            await check_eviction(redis, config.redis.allow_eviction)
         # strict on an external server: WAITAOF after each write, unless the server fsyncs
         # every write itself (appendfsync always); embedded: appendfsync always.
         wait_aof = False
@@ -67,11 +80,14 @@ async def run(config: Config, ready: Callable[[dict[str, Any]], None] | None = N
         write_keys = dict(config.write_keys)
         generated = None
         if not write_keys:
-            key, project = load_or_create_write_key(data_dir)
+            key, project, made = load_or_create_write_key(data_dir)
             write_keys = {key: project}
-            generated = key
+            generated = key if made else None  # printed once, when made
+        read_keys, new_read_keys = load_or_create_read_keys(
+            data_dir, list(write_keys.values()), config.read_keys)
         parts = Parts(redis, clickhouse, geoip, WriteKeys(write_keys),
-                      AdminToken(load_or_create_admin_token(data_dir)), wait_aof, generated, embedded)
+                      AdminToken(load_or_create_admin_token(data_dir)), wait_aof, generated, embedded,
+                      WriteKeys(read_keys), new_read_keys)
         return await serve(config, parts, ready, reload_config)
     return EXIT_OK  # pragma: no cover (the ExitStack does not swallow)
 

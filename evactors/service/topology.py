@@ -31,7 +31,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -54,12 +54,14 @@ from evactors.pipeline.enricher import enricher
 from evactors.pipeline.flusher import Flusher, flusher
 from evactors.pipeline.inflight import InFlight
 from evactors.pipeline.live_hub import LiveHub
+from evactors.pipeline.memory_watch import rewrite_aof
+from evactors.pipeline.memory_watch import watch as watch_memory
 from evactors.pipeline.publisher import Publisher, publisher
 from evactors.pipeline.replayer import Replayer, replayer
 from evactors.pipeline.session_link import WorkerParams, worker_link
 from evactors.pipeline.sessions import start_shard_actors
-from evactors.service.credentials import AdminToken, WriteKeys
-from evactors.service.http.admin import AdminRoutes
+from evactors.service.credentials import AdminToken, WriteKeys, load_or_create_read_keys
+from evactors.service.http.admin import AdminApp, AdminRoutes, admin_bind, serve_admin
 from evactors.service.http.app import App
 from evactors.service.http.cors import Cors
 from evactors.service.http.health import Health
@@ -74,6 +76,7 @@ from evactors.store.clickhouse import ClickHouse
 from evactors.store.keys import Keys
 from evactors.store.paths import DataDir
 from evactors.store.redis_io import TRANSIENT, RedisIO
+from evactors.store.redis_memory import Memory
 from evactors.store.valkey import EmbeddedValkey
 
 log = logging.getLogger("evactors.supervisor")
@@ -93,6 +96,8 @@ class Parts:
     wait_aof: bool  # strict durability on an external Redis: WAITAOF after each write
     generated_key: str | None  # the write key generated for a config without any
     embedded: EmbeddedValkey | None
+    read_keys: WriteKeys = field(default_factory=lambda: WriteKeys({}))  # the live view's
+    new_read_keys: dict[str, str] = field(default_factory=dict)  # generated now: printed once
 
 
 def worker_params(config: Config, redis_url: str, index: int, workers: int) -> WorkerParams:
@@ -137,7 +142,8 @@ async def serve(config: Config, parts: Parts, ready: Callable[[dict[str, Any]], 
         return out
 
     status = Status(sup, backlog, depths, redis, keys, clickhouse, write_keys)
-    hub = LiveHub(redis.url, keys)
+    hub = LiveHub(redis.url, keys, config.server.live_viewers, config.server.live_viewers_per_project)
+    memory = Memory(config.server.high_water_bytes)
     dead_letters = DeadLetters(redis, keys)
     durable = DurableLog(redis, keys, parts.wait_aof)
     http_to_enrich = to_enrich_tx.clone()  # closed when the HTTP API stops
@@ -147,17 +153,23 @@ async def serve(config: Config, parts: Parts, ready: Callable[[dict[str, Any]], 
         return set(write_keys.projects()) | set(c.openpanel.clients.values())
 
     cors, clients = Cors(config.cors, projects(config)), Clients(config.openpanel)
-    segment_api = SegmentApi(server, write_keys, durable, http_to_enrich, backlog, in_flight, cors)
+    segment_api = SegmentApi(server, write_keys, durable, http_to_enrich, backlog, in_flight, cors, memory)
+    admin = AdminRoutes(parts.admin, status, clickhouse, write_keys, durable, http_to_enrich, in_flight,
+                        server.retry_after_seconds)
     app = App(
         segment_api,
-        Health(redis, clickhouse, backlog, server.high_water_events),
-        AdminRoutes(parts.admin, status, clickhouse, write_keys, durable, http_to_enrich, in_flight,
-                    server.retry_after_seconds),
-        LiveRoutes(write_keys, hub), server.retry_after_seconds, OtherApis(segment_api, clients))
+        Health(redis, clickhouse, backlog, server.high_water_events, memory),
+        LiveRoutes(parts.read_keys, hub), server.retry_after_seconds, OtherApis(segment_api, clients))
+    admin_app = AdminApp(admin)
 
-    def reconfigure(fresh: Config) -> None:  # SIGHUP: origins and OpenPanel clients as the file says
+    def reconfigure(fresh: Config) -> None:  # SIGHUP: origins, OpenPanel clients, read keys
         cors.replace(fresh.cors, projects(fresh))
         clients.replace(fresh.openpanel)
+        keys_now, made = load_or_create_read_keys(data_dir.root, write_keys.projects(), fresh.read_keys)
+        parts.read_keys.replace(keys_now)
+        for project in made.values():
+            log.warning("SIGHUP: read key of project %s generated, in %s", project,
+                        data_dir.read_key(project))
     publish = Publisher(redis, keys)
     exit_code = EXIT_OK
     systemd = Notifier()
@@ -166,9 +178,15 @@ async def serve(config: Config, parts: Parts, ready: Callable[[dict[str, Any]], 
     # pipeline made since (docs/benchmarks.md: GC).
     gc.freeze()
 
+    admin_at: list[str] = []  # where the admin listener listens (unix:PATH or a URL)
+
     async def http(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         with http_to_enrich:
-            await serve_http(app, config, shutdown, task_status=task_status)
+            async with trio.open_nursery() as listeners:  # the admin listener ends with it
+                admin_at.append(await listeners.start(functools.partial(
+                    serve_admin, admin_app, admin_bind(config.admin.listen, data_dir),
+                    shutdown, max(1.0, config.supervisor.drain_seconds / 3))))
+                await serve_http(app, config, shutdown, task_status=task_status)
 
     try:
         async with trio.open_nursery() as root:
@@ -179,8 +197,13 @@ async def serve(config: Config, parts: Parts, ready: Callable[[dict[str, Any]], 
             # Background actors: cancelled with the root once the pipeline has drained.
             root.start_soon(sup.supervise, "backlog", backlog_gauges, backlog, depths)
             root.start_soon(sup.supervise, "live-hub", hub.run, shutdown)
+            root.start_soon(sup.supervise, "redis-memory", watch_memory, memory, redis, keys,
+                            pipe.session_shards)
             if parts.embedded is not None:
                 root.start_soon(sup.supervise, "valkey-keeper", parts.embedded.keep)
+                if config.redis.aof_rewrite_seconds:
+                    root.start_soon(sup.supervise, "aof-rewriter", rewrite_aof, redis,
+                                    config.redis.aof_rewrite_seconds)
             root.start_soon(sup.supervise, "geoip-reloader", parts.geoip.watch,
                             config.geoip.reload_check_seconds)
             async with trio.open_nursery() as actors:
@@ -228,9 +251,12 @@ async def serve(config: Config, parts: Parts, ready: Callable[[dict[str, Any]], 
                 # a visitor's events then reach their session in the order they came.
                 await replayed.wait()
                 binds = await actors.start(http)
-                info = {"pid": os.getpid(), "url": binds[0] if binds else "",
-                        "data_dir": str(data_dir.root), "write_key": parts.generated_key}
-                data_dir.service_json.write_text(json.dumps(info))
+                info: dict[str, Any] = {"pid": os.getpid(), "url": binds[0] if binds else "",
+                                        "admin": admin_at[0],
+                                        "data_dir": str(data_dir.root)}
+                data_dir.service_json.write_text(json.dumps(info))  # no key in it
+                info["write_key"] = parts.generated_key  # printed once, when generated
+                info["read_keys"] = parts.new_read_keys
                 log.info("listening on %s", ", ".join(binds))
                 systemd.notify("READY=1", f"STATUS=listening on {info['url']}")
                 if ready is not None:

@@ -23,9 +23,16 @@ class DataDir:
     def admin_token(self) -> Path:
         return self.root / "admin.token"
 
+    def read_key(self, project: str) -> Path:
+        return self.root / f"read_key.{project}"  # the live view's generated key of a project
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.root / "admin.sock"  # the admin listener (admin.listen empty)
+
     @property
     def service_json(self) -> Path:
-        return self.root / "service.json"  # pid and URL of the running service
+        return self.root / "service.json"  # pid, URL and admin listener of the running service (no key)
 
     @property
     def redis(self) -> Path:

@@ -39,7 +39,7 @@ _RECOVERABLE_REPLIES = ("OOM", "MISCONF", "READONLY", "LOADING", "BUSY", "TRYAGA
 
 def transient(e: BaseException) -> bool:
     """A fault to wait out: the connection, or the server saying "not now"."""
-    if isinstance(e, TRANSIENT):
+    if isinstance(e, (*TRANSIENT, redis.exceptions.OutOfMemoryError)):  # redis-py drops "OOM"
         return True
     return isinstance(e, redis.ResponseError) and str(e).split(" ", 1)[0] in _RECOVERABLE_REPLIES
 

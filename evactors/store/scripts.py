@@ -90,7 +90,9 @@ return written
 # KEYS: stream, counter[, flush plan]. ARGV: the plan carried out (or ""), id1, n1, id2, n2, …
 # Used by the acker (no plan) and the flusher, which drops its plan only if it is still the
 # one it carried out (another flusher may already have recorded the next).
-REMOVE_ENTRIES = Script("""
+# allow-oom: it frees memory, so it must run when Redis is full; without the flag a full
+# Redis would run its XDELs and refuse its DECRBY (a script is not rolled back).
+REMOVE_ENTRIES = Script("""#!lua flags=allow-oom
 local removed = 0
 for i = 2, #ARGV, 2 do
   if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then
@@ -105,7 +107,8 @@ return removed
 
 # KEYS: plan key, buffer stream. ARGV: most entries to read, rows per chunk.
 # The recorded plan ("first last"), or a new one over the oldest entries, recorded here.
-PLAN = Script("""
+# allow-oom: flushing is what frees a full Redis, so it must be able to start then.
+PLAN = Script("""#!lua flags=allow-oom
 local plan = redis.call('GET', KEYS[1])
 if plan then return plan end
 local entries = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', tonumber(ARGV[1]))

@@ -31,9 +31,10 @@ class EmbeddedValkey:
     down cleanly (it writes its AOF) before starting our own.
     """
 
-    def __init__(self, data_dir: Path, durability: str) -> None:
+    def __init__(self, data_dir: Path, durability: str, maxmemory: int = 0) -> None:
         self.dir = DataDir(data_dir).redis
         self.durability = durability
+        self.maxmemory = maxmemory  # bytes; 0: none (with noeviction: full means OOM refusals)
         self.socket = DataDir(data_dir).valkey_socket
         self.pid_file = DataDir(data_dir).valkey_pid
         self.server: Any = None
@@ -56,12 +57,14 @@ class EmbeddedValkey:
                 "save": "",
                 "aof-use-rdb-preamble": "yes",
                 "maxmemory-policy": "noeviction",
+                "maxmemory": str(self.maxmemory),
                 "logfile": "valkey.log",
                 "pidfile": str(self.pid_file),
             },
         )
         self.server.start(timeout=30)
-        log.info("embedded valkey started: %s (durability=%s)", self.url, self.durability)
+        log.info("embedded valkey started: %s (durability=%s, maxmemory %d MB)", self.url,
+                 self.durability, self.maxmemory >> 20)
 
     def _stop_orphan(self) -> None:
         try:

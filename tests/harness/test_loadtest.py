@@ -53,7 +53,7 @@ def test_verification_passes_clean_and_names_a_missing_a_doubled_and_a_rejected_
     answers = Counter(status for status, _a, _r in result.outcomes.values())
     assert answers[200] > 20 and answers[400] > 0, answers  # batches with invalid messages, broken requests
     assert answers[ERROR] == 0 and answers[503] == 0
-    reader = AdminReader(service.url, (service.data_dir / "admin.token").read_text().strip())
+    reader = AdminReader(service.admin, (service.data_dir / "admin.token").read_text().strip())
 
     clean = verify(result, reader, sessions_closed=False)
     assert clean["ok"], clean

@@ -134,7 +134,7 @@ def test_duplicates_are_stored_once_and_bots_are_not_stored(service: Service) ->
     assert [(b["device_id"], b["reason"]) for b in bots_kept] == [
         ("bot-0", "known-pattern"), ("bot-1", "headless"), ("bot-2", "crawler-list")]
     assert bots_kept[0]["user_agent"] == GOOGLEBOT and bots_kept[0]["name"] == "screen_view"
-    metrics = service.http.get(f"{service.url}/metrics").text
+    metrics = service.metrics()
     assert 'evactors_bots_total{reason="headless"} 1.0' in metrics
     assert "evactors_duplicates_total 3.0" in metrics
 

@@ -77,8 +77,11 @@ def test_keys_do_not_cross_projects_or_open_admin(make_service) -> None:  # type
     for path, method in (("/admin/query", "POST"), ("/admin/status", "GET")):
         r = service.http.request(method, f"{service.url}{path}", content=b"SELECT 1",
                                  headers={"authorization": "Bearer key-a"})
+        assert r.status_code == 404  # not on the public listener at all
+        r = service.admin_request(method, path, b"SELECT 1", token="key-a")
         assert r.status_code == 401  # a write key is no admin token
-    with httpx.stream("GET", f"{service.url}/live/stream?key=key-b", timeout=20) as stream:
+    read_b = service.read_key("project-b")
+    with httpx.stream("GET", f"{service.url}/live/stream?key={read_b}", timeout=20) as stream:
         lines = stream.iter_lines()
         assert next(lines) == "event: hello"
         assert next(lines) == 'data: {"project":"project-b"}'

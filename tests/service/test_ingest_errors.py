@@ -115,6 +115,6 @@ def test_health_and_metrics(service: Service) -> None:
     assert service.http.get(f"{service.url}/health/live").status_code == 200
     assert service.http.get(f"{service.url}/health/ready").json() == {"status": "ready"}
     service.batch([message("track", event="Counted")])
-    metrics = service.http.get(f"{service.url}/metrics").text
+    metrics = service.metrics()
     assert 'evactors_events_accepted_total{project="project-a"} 1.0' in metrics
     assert json.dumps  # keep import used

@@ -27,7 +27,7 @@ def test_live_view_numbers_move_when_events_arrive(service: Service, tmp_path) -
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = browser.new_page(viewport={"width": 1000, "height": 600})
-        page.goto(f"{service.url}/live?key=key-a")
+        page.goto(f"{service.url}/live?key={service.read_key('project-a')}")
         page.wait_for_function("document.getElementById('state').textContent === 'live'",
                                timeout=20_000)
         assert page.inner_text("#project") == "project-a"
@@ -58,7 +58,8 @@ def test_live_view_numbers_move_when_events_arrive(service: Service, tmp_path) -
 
 def test_live_stream_needs_a_key_and_ends_on_shutdown(service: Service) -> None:
     assert httpx.get(f"{service.url}/live/stream?key=nope", timeout=10).status_code == 401
-    with httpx.stream("GET", f"{service.url}/live/stream?key=key-a", timeout=30) as stream:
+    read_key = service.read_key("project-a")
+    with httpx.stream("GET", f"{service.url}/live/stream?key={read_key}", timeout=30) as stream:
         lines = stream.iter_lines()
         assert next(lines) == "event: hello"
         assert service.proc is not None

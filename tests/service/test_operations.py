@@ -38,7 +38,7 @@ def test_status_metrics_health_and_logs(service: Service) -> None:
 
     assert service.http.get(f"{service.url}/health/ready").json() == {"status": "ready"}
     time.sleep(1.2)  # a backlog round sets the gauges
-    metrics = service.http.get(f"{service.url}/metrics").text
+    metrics = service.metrics()
     for name in ("evactors_lag_seconds", 'evactors_channel_depth_batches{channel="to-enrich"}',
                  "evactors_flush_rows_bucket", "evactors_flush_seconds_bucket",
                  "evactors_http_latency_seconds_bucket", 'evactors_stage_events_total{stage="enrich"}',

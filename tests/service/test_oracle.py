@@ -374,10 +374,8 @@ def test_generator_is_lazy_and_bounded() -> None:
 
 def drained(svc: Service, timeout: float = 30) -> None:
     """Wait until the service has processed (and flushed) everything it acknowledged."""
-    token = (svc.data_dir / "admin.token").read_text().strip()
     deadline = time.monotonic() + timeout
-    while svc.http.get(f"{svc.url}/admin/status", headers={"authorization": f"Bearer {token}"}
-                       ).json()["backlog_events"]:
+    while svc.admin_request("GET", "/admin/status").json()["backlog_events"]:
         assert time.monotonic() < deadline, "the service did not catch up"
         time.sleep(0.02)
 
@@ -405,7 +403,7 @@ def send(svc: Service, items: Any, oracle: Oracle, tmp: Path, project: str = PRO
 
 
 def late_metrics(svc: Service) -> dict[str, int]:
-    text = svc.http.get(f"{svc.url}/metrics").text
+    text = svc.metrics()
     return {k: int(float(v)) for k, v in re.findall(r'^evactors_late_events_total\{outcome="(\w+)"\} (\S+)$',
                                                      text, re.M) if float(v)}
 

@@ -75,7 +75,7 @@ def test_clickhouse_outage_buffers_then_catches_up_exactly_once(make_service) ->
         time.sleep(0.15)
     assert refused > 0 and len(accepted) >= 300
     assert "insert of" in service.log() and "failed" in service.log()
-    metrics = service.http.get(f"{service.url}/metrics").text
+    metrics = service.metrics()
     assert "evactors_clickhouse_errors_total" in metrics
     ready = service.http.get(f"{service.url}/health/ready")
     assert ready.status_code == 503

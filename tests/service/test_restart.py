@@ -99,7 +99,7 @@ def test_an_undecodable_ingest_entry_goes_to_the_dead_letter_stream(make_service
     assert client.xlen("evx:in") == 0 and int(client.get("evx:in:n") or 0) == 0
     assert service.batch([message("track", event="After poison")]).status_code == 200
     service.wait_rows("SELECT 1 FROM evactors.events WHERE name = 'After poison'", 1)
-    assert "evactors_dead_letters_total 1.0" in service.http.get(f"{service.url}/metrics").text
+    assert "evactors_dead_letters_total 1.0" in service.metrics()
 
 
 def test_changing_the_shard_count_under_existing_data_is_refused(make_service) -> None:  # type: ignore[no-untyped-def]

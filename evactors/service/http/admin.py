@@ -1,24 +1,45 @@
 """The operator's routes, behind the admin token: ``/admin/status``, ``/admin/remap``
 (``bin/evactors remap``) and ``/admin/query`` (``bin/evactors query`` while the service
-owns the embedded engine)."""
+owns the embedded engine), with ``/metrics``, on a listener of their own (``AdminApp``,
+``serve_admin``), never the public one, which may be bound to 0.0.0.0 for browsers.
+
+By default that listener is a Unix socket in the data dir (0600 in a 0700 dir: only the
+service's user reaches it); ``admin.listen`` may make it TCP. The token is still required,
+except for ``/metrics`` (project ids and volumes: readable by whoever reaches the listener).
+``/admin/query`` runs one read-only statement (``store.readonly_query``)."""
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import hypercorn.config
+import hypercorn.trio
 import msgspec
 import trio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from evactors.core.messages import IngestBatch
 from evactors.core.model import Context, Incoming
 from evactors.core.segment import RequestError
+from evactors.ops import metrics
 from evactors.pipeline.durable_log import DurableLog
 from evactors.pipeline.inflight import InFlight
 from evactors.service.credentials import AdminToken, WriteKeys
-from evactors.service.http.request import Receive, Reply, Scope, header, json_reply, read_body
+from evactors.service.http.request import JSON, Receive, Reply, Scope, Send, encode, header, json_reply, read_body
+from evactors.service.supervisor import StartupError
 from evactors.store.clickhouse import ClickHouse
+from evactors.store.paths import DataDir
+from evactors.store.readonly_query import ReadOnlyQuery
+
+log = logging.getLogger("evactors.admin")
+
+TEST_WRITES = "EVACTORS_TEST_ADMIN_WRITES"  # test hook: /admin/execute runs any statement
 
 
 class RemapRequest(msgspec.Struct):
@@ -39,13 +60,20 @@ class AdminRoutes:
         self.outbox = outbox
         self.in_flight = in_flight
         self.retry_after = retry_after
+        self.reader = ReadOnlyQuery(clickhouse) if clickhouse is not None else None
+        self.test_writes = os.environ.get(TEST_WRITES) == "1"
 
     async def __call__(self, path: str, method: str, scope: Scope, receive: Receive) -> Reply | None:
         """The reply of an admin route, or None when ``path`` is not one."""
-        route = {("/admin/status", "GET"), ("/admin/remap", "POST"), ("/admin/query", "POST")}
+        route = {("/admin/status", "GET"), ("/admin/remap", "POST"), ("/admin/query", "POST"),
+                 ("/admin/execute", "POST")}
         if (path, method) not in route:
             return None
-        if not self.token.check(header(scope, b"authorization")):
+        try:
+            authorized = self.token.check(header(scope, b"authorization"))
+        except TypeError:  # a non-ASCII token: hmac refuses to compare it
+            authorized = False
+        if not authorized:
             raise RequestError(401, "unauthorized", "admin token required (Bearer)")
         if path == "/admin/status":
             if self.status is None:
@@ -53,13 +81,19 @@ class AdminRoutes:
             return json_reply(200, await self.status())
         if path == "/admin/remap":
             return json_reply(200, await self.remap(await read_body(scope, receive, 64 << 20)))
-        if self.clickhouse is None:
+        if self.clickhouse is None or self.reader is None:
             raise RequestError(404, "not_found", "no ClickHouse in this process")
+        if path == "/admin/execute" and not self.test_writes:
+            raise RequestError(404, "not_found", "no endpoint /admin/execute")
         sql = (await read_body(scope, receive, 1 << 20)).decode(errors="replace")
         try:
-            columns, rows = await self.clickhouse.query(sql)
+            if path == "/admin/execute":  # tests only: any statement, in the flusher's session
+                columns, rows = await self.clickhouse.query(sql)
+            else:
+                columns, rows = await self.reader.query(sql)
         except Exception as e:
-            raise RequestError(400, "query_failed", str(e).splitlines()[0][:2000]) from None
+            text = str(e).splitlines()[0][:2000] if str(e) else type(e).__name__
+            raise RequestError(400, "query_failed", text) from None
         return json_reply(200, {"columns": columns, "rows": rows})
 
     async def remap(self, body: bytes) -> dict[str, Any]:
@@ -97,3 +131,75 @@ class AdminRoutes:
                                    "re-map are still being processed; retry the re-map later",
                                    retry_after=self.retry_after)
             await trio.sleep(0.01)
+
+
+class AdminApp:
+    """The admin listener's ASGI app: the admin routes, ``/metrics`` and ``/health/live``."""
+
+    def __init__(self, routes: AdminRoutes) -> None:
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        try:
+            reply: Reply | None
+            if path == "/metrics" and method == "GET":
+                reply = 200, [(b"content-type", CONTENT_TYPE_LATEST.encode())], generate_latest(metrics.REGISTRY)
+            elif path == "/health/live":
+                reply = 200, list(JSON), b'{"status":"live"}'
+            else:
+                reply = await self.routes(path, method, scope, receive)
+            if reply is None:
+                raise RequestError(404, "not_found", f"no endpoint {path}")
+            status, headers, body = reply
+        except RequestError as e:
+            status, headers, body = e.status, list(JSON), encode(e.body)
+            log.info("admin refused %s %r: %d %s", method, path, e.status, e.body["error"])
+        headers = [*headers, (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def admin_bind(listen: str, data_dir: DataDir) -> str:
+    """hypercorn's bind of ``admin.listen``: ``unix:PATH`` (empty: DATA/admin.sock) or HOST:PORT."""
+    return listen or f"unix:{data_dir.admin_socket}"
+
+
+async def serve_admin(app: AdminApp, bind: str, shutdown: trio.Event, graceful: float,
+                      task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """The admin listener, until ``shutdown``; started with its address (``unix:PATH`` or
+    a URL). A bind that fails is a ``StartupError``."""
+    hconfig = hypercorn.config.Config()
+    hconfig.bind = [bind]
+    hconfig.accesslog = None
+    hconfig.errorlog = logging.getLogger("evactors.http.admin")
+    hconfig.graceful_timeout = graceful
+    socket = bind.removeprefix("unix:") if bind.startswith("unix:") else None
+    if socket is not None:
+        Path(socket).unlink(missing_ok=True)  # an earlier run's, left by kill -9 (the dir is locked)
+
+    def started(binds: list[str]) -> None:
+        if socket is not None:
+            os.chmod(socket, 0o600)
+            task_status.started(bind)
+        else:
+            task_status.started(binds[0])
+
+    listening: Any = SimpleNamespace(started=started)
+    asgi: Any = app
+    try:
+        await hypercorn.trio.serve(asgi, hconfig, shutdown_trigger=shutdown.wait, task_status=listening)
+    except* OSError as group:
+        e = group.exceptions[0]
+        raise StartupError(f"cannot listen on {bind} (admin.listen): "
+                           f"{getattr(e, 'strerror', None) or e}") from None

@@ -1,11 +1,11 @@
 """The HTTP surface as one ASGI application: a request id and metrics for every request,
-then a route: Segment's API, PostHog's and OpenPanel's, the live view, health and
-metrics, admin.
+then a route: Segment's API, PostHog's and OpenPanel's, the live view, health (admin and
+``/metrics`` have their own listener: ``service.http.admin``).
 
 Each group of routes is its own object with its own collaborators (``segment_api``,
-``protocols``, ``live``, ``health``, ``admin``); this module only dispatches and writes the
-reply, so a route's error (``RequestError``) becomes the same JSON reply everywhere, and
-every route a browser may call gets its CORS headers here (``cors``), errors and 404s too.
+``protocols``, ``live``, ``health``); this module only dispatches and writes the reply, so a
+route's error (``RequestError``) becomes the same JSON reply everywhere, and every route a
+browser may call gets its CORS headers here (``cors``), errors and 404s too.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import time
 
 from evactors.core.segment import ENDPOINTS, RequestError
 from evactors.ops import logs, metrics
-from evactors.service.http.admin import AdminRoutes
 from evactors.service.http.cors import Cors
 from evactors.service.http.health import Health
 from evactors.service.http.live import LiveRoutes
@@ -31,13 +30,12 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")
 
 
 class App:
-    def __init__(self, segment: SegmentApi, health: Health, admin: AdminRoutes,
+    def __init__(self, segment: SegmentApi, health: Health,
                  live: LiveRoutes | None, retry_after: int, others: OtherApis | None = None) -> None:
         self.segment = segment
         self.cors: Cors = segment.cors  # the same origins as the Segment API checks
         self.others = others  # PostHog, OpenPanel, the SDKs' telemetry
         self.health = health
-        self.admin = admin
         self.live = live
         self.retry_after = retry_after
 
@@ -110,7 +108,6 @@ class App:
         if (reply := await self.health(path)) is not None:
             return reply
         if path == "/live" and method == "GET" and self.live is not None:
-            return self.live.page()
-        if (reply := await self.admin(path, method, scope, receive)) is not None:
-            return reply
+            return self.live.page(scope)
+        # /admin/* and /metrics: on the admin listener only (service.http.admin)
         raise RequestError(404, "not_found", f"no endpoint {path}")

@@ -1,21 +1,22 @@
-"""Health and metrics: ``/health/live`` (the process answers), ``/health/ready`` (Redis,
-ClickHouse and the backlog allow accepting events) and ``/metrics`` (Prometheus)."""
+"""Health: ``/health/live`` (the process answers) and ``/health/ready`` (Redis, ClickHouse
+and the backlog, in events and in bytes, allow accepting events). ``/metrics`` is on the
+admin listener (``service.http.admin``)."""
 
 from __future__ import annotations
 
 import trio
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from evactors.ops import metrics
 from evactors.pipeline.backlog import Backlog
 from evactors.service.http.request import JSON, Reply
 from evactors.store.clickhouse import ClickHouse
 from evactors.store.redis_io import TRANSIENT, RedisIO
+from evactors.store.redis_memory import Memory
 
 
 class Health:
     def __init__(self, redis: RedisIO, clickhouse: ClickHouse | None, backlog: Backlog,
-                 high_water_events: int) -> None:
+                 high_water_events: int, memory: Memory | None = None) -> None:
+        self.memory = memory
         self.redis = redis
         self.clickhouse = clickhouse
         self.backlog = backlog
@@ -27,8 +28,6 @@ class Health:
             return 200, list(JSON), b'{"status":"live"}'
         if path == "/health/ready":
             return await self.ready()
-        if path == "/metrics":
-            return 200, [(b"content-type", CONTENT_TYPE_LATEST.encode())], generate_latest(metrics.REGISTRY)
         return None
 
     async def ready(self) -> Reply:
@@ -39,6 +38,6 @@ class Health:
             return 503, list(JSON), b'{"status":"redis unavailable"}'
         if self.clickhouse is not None and not await self.clickhouse.healthy():
             return 503, list(JSON), b'{"status":"clickhouse unavailable"}'
-        if self.backlog.cached > self.high_water_events:
+        if self.backlog.cached > self.high_water_events or (self.memory is not None and self.memory.full):
             return 503, list(JSON), b'{"status":"backlog over high-water mark"}'
         return 200, list(JSON), b'{"status":"ready"}'

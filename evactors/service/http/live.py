@@ -16,20 +16,26 @@ from evactors.service.http.request import Receive, Reply, Scope, Send, encode
 
 
 class LiveRoutes:
-    def __init__(self, write_keys: WriteKeys, hub: LiveHub) -> None:
-        self.write_keys = write_keys
+    """Opened by a project's read key (``read_keys``), never by a write key: browser write
+    keys are public."""
+
+    def __init__(self, read_keys: WriteKeys, hub: LiveHub) -> None:
+        self.read_keys = read_keys
         self.hub = hub
 
-    def page(self) -> Reply:
+    def page(self, scope: Scope) -> Reply:
+        query = dict(parse_qsl(scope.get("query_string", b"").decode(errors="replace")))
+        if self.read_keys.project(query.get("key")) is None:
+            raise RequestError(401, "unauthorized", "a read key of the project is required (?key=…)")
         return 200, [(b"content-type", b"text/html; charset=utf-8")], PAGE.encode()
 
     async def stream(self, scope: Scope, receive: Receive, send: Send) -> None:
         """One viewer's stream, until it goes away, its key is revoked or the service stops."""
         query = dict(parse_qsl(scope.get("query_string", b"").decode(errors="replace")))
-        project = self.write_keys.project(query.get("key"))
+        project = self.read_keys.project(query.get("key"))
         if project is None:
             body = encode({"success": False, "error": "unauthorized",
-                           "message": "a write key of the project is required (?key=…)"})
+                           "message": "a read key of the project is required (?key=…)"})
             await send({"type": "http.response.start", "status": 401,
                         "headers": [(b"content-type", b"application/json")]})
             await send({"type": "http.response.body", "body": body})
@@ -49,7 +55,7 @@ class LiveRoutes:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
             async def stats(cancel: trio.CancelScope) -> None:
-                while self.write_keys.project(key) == project:  # a revoked key ends the stream
+                while self.read_keys.project(key) == project:  # a revoked key ends the stream
                     await event("stats", {"live_visitors": self.hub.visitors.get(project, 0),
                                           "events_per_second": self.hub.rate(project)})
                     await trio.sleep(1)

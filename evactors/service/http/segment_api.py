@@ -32,6 +32,7 @@ from evactors.service.http.cors import Cors
 from evactors.service.http.request import ClientAddress, Receive, Scope, header, read_body
 from evactors.service.http.rudderstack import fallback_headers, query_write_key
 from evactors.store.redis_io import TRANSIENT
+from evactors.store.redis_memory import Memory
 
 log = logging.getLogger("evactors.ingest")
 
@@ -53,7 +54,8 @@ class SegmentApi:
 
     def __init__(self, limits: ServerConfig, write_keys: WriteKeys, durable: DurableLog,
                  outbox: trio.MemorySendChannel[IngestBatch], backlog: Backlog,
-                 in_flight: InFlight, cors: Cors | None = None) -> None:
+                 in_flight: InFlight, cors: Cors | None = None, memory: Memory | None = None) -> None:
+        self.memory = memory  # Redis's memory, read each second (pipeline.memory_watch)
         self.limits = limits
         self.cors = cors if cors is not None else Cors(CorsConfig(), set())  # per-project origins
         self.write_keys = write_keys
@@ -69,6 +71,9 @@ class SegmentApi:
         if self.backlog.cached > limits.high_water_events:
             raise RequestError(503, "backlog_full", "the durable backlog is over its high-water "
                                "mark; retry later", retry_after=limits.retry_after_seconds)
+        if self.memory is not None and self.memory.full:
+            raise RequestError(503, "backlog_full", "the durable backlog is over its high-water "
+                               "mark in bytes; retry later", retry_after=limits.retry_after_seconds)
         raw = await read_body(scope, receive, limits.max_batch_bytes)
         body = decompress(raw, header(scope, b"content-encoding"), limits.max_batch_bytes)
         key = (basic_user(header(scope, b"authorization")) or body_write_key(body)

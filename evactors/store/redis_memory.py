@@ -1,0 +1,113 @@
+"""Redis bounded by bytes: what keeps a full Redis from losing or doubling events.
+
+- The embedded Valkey runs with ``maxmemory`` (``redis.maxmemory``, else a quarter of the
+  machine's memory) and ``noeviction``: past it, writes are refused with ``OOM``, ingest
+  answers 503 and the actors retry with backoff; nothing already stored goes away.
+- An external Redis whose ``maxmemory-policy`` evicts is refused at start (exit 2) unless
+  ``redis.allow_eviction``: an evicted dedup marker doubles an event when the SDK retries,
+  an evicted stream loses acknowledged ones.
+- The watcher (``pipeline.memory_watch``) reads Redis's memory each second: ``used_memory``, the bytes of the backlog
+  (the ingest stream and the buffers, as ``MEMORY USAGE`` samples them) and
+  ``evicted_keys``, which must never grow (an error in the log and a metric if it does).
+  Past ``server.high_water_bytes`` of backlog, ingest answers 503 before Redis is full.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from evactors.core.config import ConfigError
+from evactors.ops import metrics
+from evactors.store.keys import Keys
+from evactors.store.redis_io import RedisIO
+
+log = logging.getLogger("evactors.redis_memory")
+
+MIN_MAXMEMORY, MAX_DEFAULT_MAXMEMORY = 64 << 20, 8 << 30
+
+
+def machine_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 4 << 30
+
+
+def embedded_maxmemory(configured: int) -> int:
+    """``redis.maxmemory``, or a quarter of the machine's memory within [64 MB, 8 GB]."""
+    if configured:
+        return configured
+    return max(MIN_MAXMEMORY, min(MAX_DEFAULT_MAXMEMORY, machine_memory() // 4))
+
+
+async def check_eviction(redis: RedisIO, allow: bool) -> None:
+    """Refuse (ConfigError: exit 2) a Redis that evicts keys, unless allowed."""
+    try:
+        policy = (await redis.run(lambda: redis.client.config_get("maxmemory-policy"))).get(
+            "maxmemory-policy", "")
+    except Exception as e:  # CONFIG disabled (a managed Redis): say what we could not check
+        log.warning("cannot read the Redis's maxmemory-policy (%s); make sure it is noeviction", e)
+        return
+    if isinstance(policy, bytes):
+        policy = policy.decode()
+    if policy and policy != "noeviction":
+        if allow:
+            log.error("the Redis evicts keys (maxmemory-policy %s): events may be lost or doubled "
+                      "when it is full (redis.allow_eviction = true)", policy)
+            return
+        raise ConfigError("redis.allow_eviction", (
+            f"the Redis at {redis.url} has maxmemory-policy {policy}: when full it evicts keys "
+            "(dedup markers: doubled events; streams: lost events). Set maxmemory-policy "
+            "noeviction on it (CONFIG SET maxmemory-policy noeviction), or redis.allow_eviction "
+            "= true to run anyway"))
+
+
+class Memory:
+    """The last reading of Redis's memory; ``full`` is what ingest checks."""
+
+    def __init__(self, high_water_bytes: int) -> None:
+        self.configured = high_water_bytes
+        self.used = self.maxmemory = self.backlog_bytes = 0
+        self.evicted: int | None = None
+        self.full = False
+
+    @property
+    def high_water(self) -> int:
+        """Backlog bytes past which ingest refuses: configured, else a third of maxmemory."""
+        return self.configured or self.maxmemory // 3
+
+    def update(self, used: int, maxmemory: int, backlog_bytes: int, evicted: int) -> None:
+        self.used, self.maxmemory, self.backlog_bytes = used, maxmemory, backlog_bytes
+        metrics.REDIS_USED_MEMORY.set(used)
+        metrics.REDIS_MAXMEMORY.set(maxmemory)
+        metrics.BACKLOG_BYTES.set(backlog_bytes)
+        if self.evicted is not None and evicted > self.evicted:
+            grown = evicted - self.evicted
+            metrics.REDIS_EVICTED.inc(grown)
+            log.error("Redis evicted %d key(s) (evicted_keys %d): dedup markers, states or "
+                      "events may be gone; set maxmemory-policy noeviction", grown, evicted)
+        self.evicted = evicted
+        was = self.full
+        self.full = bool(self.high_water) and backlog_bytes > self.high_water
+        if self.full != was:
+            log.log(logging.WARNING if self.full else logging.INFO,
+                    "backlog %s its high-water mark in bytes (%d of %d): ingest %s",
+                    "over" if self.full else "back under", backlog_bytes, self.high_water,
+                    "answers 503" if self.full else "accepts again")
+
+
+async def read(redis: RedisIO, keys: Keys, shards: int) -> tuple[int, int, int, int]:
+    """(used_memory, maxmemory, backlog bytes, evicted_keys), in one round trip."""
+    streams = [keys.ingest] + [keys.buffer(s) for s in range(shards)]
+
+    def build(pipe: Any) -> None:
+        pipe.info("memory")
+        pipe.info("stats")
+        for stream in streams:
+            pipe.execute_command("MEMORY", "USAGE", stream)
+
+    info, stats, *usages = await redis.pipeline(build)
+    return (int(info.get("used_memory", 0)), int(info.get("maxmemory", 0)),
+            sum(int(u or 0) for u in usages), int(stats.get("evicted_keys", 0)))
