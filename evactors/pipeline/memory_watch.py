@@ -18,11 +18,15 @@ log = logging.getLogger("evactors.redis_memory")
 
 async def watch(memory: Memory, redis: RedisIO, keys: Keys, shards: int, every: float = 1.0) -> None:
     """The watcher actor."""
+    failures = 0
     while True:
         try:
             memory.update(*await read(redis, keys, shards))
-        except TRANSIENT as e:
-            log.warning("redis memory reading failed: %s", e)
+            failures = 0
+        except Exception as e:  # away, or a Redis without MEMORY/INFO (a managed one): go on
+            failures += 1
+            level = logging.DEBUG if isinstance(e, TRANSIENT) or failures > 1 else logging.WARNING
+            log.log(level, "redis memory reading failed: %s", e)
         await trio.sleep(every)
 
 

@@ -6,9 +6,9 @@
 - An external Redis whose ``maxmemory-policy`` evicts is refused at start (exit 2) unless
   ``redis.allow_eviction``: an evicted dedup marker doubles an event when the SDK retries,
   an evicted stream loses acknowledged ones.
-- The watcher (``pipeline.memory_watch``) reads Redis's memory each second: ``used_memory``, the bytes of the backlog
-  (the ingest stream and the buffers, as ``MEMORY USAGE`` samples them) and
-  ``evicted_keys``, which must never grow (an error in the log and a metric if it does).
+- The watcher (``pipeline.memory_watch``) reads Redis's memory each second: ``used_memory``,
+  the bytes of the backlog (the ingest stream and the buffers, as ``MEMORY USAGE`` samples
+  them) and ``evicted_keys``, which must never grow (an error in the log and a metric).
   Past ``server.high_water_bytes`` of backlog, ingest answers 503 before Redis is full.
 """
 
