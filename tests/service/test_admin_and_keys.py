@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import stat
 import time
@@ -166,3 +167,22 @@ def test_a_planted_secret_file_is_never_followed(tmp_path: Path) -> None:
     assert target.read_text() == "x"
     fresh = tmp_path / "new.token"
     assert files.create_secret(fresh, "secret") and _mode(fresh) == 0o600
+
+
+def test_sighup_replaces_the_read_keys(make_service, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    config = tmp_path / "evactors.toml"
+    config.write_text('[read_keys]\n"first-read-key-0001" = "project-a"\n')
+    service: Service = make_service(args=["--config", str(config)]).start()
+
+    def status(key: str) -> int:
+        return httpx.get(f"{service.url}/live?key={key}", timeout=10).status_code
+
+    assert status("first-read-key-0001") == 200
+    config.write_text('[read_keys]\n"second-read-key-0002" = "project-a"\n')
+    assert service.proc is not None
+    service.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while status("first-read-key-0001") != 401:
+        assert time.monotonic() < deadline, service.log()[-2000:]
+        time.sleep(0.2)
+    assert status("second-read-key-0002") == 200
