@@ -46,7 +46,7 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class ServerConfig(_Section):
-    """The HTTP API (Segment's /v1/* endpoints, /health/*, /metrics, /live)."""
+    """The HTTP API (Segment's /v1/* endpoints, /health/*, /live; /metrics is on the admin listener)."""
 
     listen: Annotated[str, Doc("HOST:PORT the HTTP API listens on. Flag: --listen.")] = "127.0.0.1:8080"
     trusted_proxies: Annotated[list[str], Doc(
