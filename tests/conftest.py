@@ -284,7 +284,99 @@ def record_fault_result(name: str, trials: int, acknowledged: set[str], stored: 
     return result
 
 
+# --- the hostile-input suite's summary ----------------------------------------------------
+#
+# One row per hostile case (tests/test_hostile_suite.py, the fuzz test, and any other that
+# calls record_hostile_result, e.g. a full Redis): attempts, 5xx answers seen, the longest
+# /health/live answer meanwhile (StallProbe), the service's RSS before and after, and the
+# events acknowledged alongside and how many of them are stored exactly once.
+
+HOSTILE_RESULTS: list[dict[str, Any]] = []
+
+
+def record_hostile_result(case: str, attempts: int, server_errors: int, max_stall: float,
+                          rss_before_mb: float, rss_after_mb: float,
+                          acknowledged: set[str] | None = None,
+                          stored: list[str] | None = None) -> dict[str, Any]:
+    acked = acknowledged or set()
+    found = set(stored or [])
+    result = {"case": case, "attempts": attempts, "5xx": server_errors, "stall": max_stall,
+              "rss_before": rss_before_mb, "rss_after": rss_after_mb, "acked": len(acked),
+              "once": len(acked & found),
+              "doubled": len(stored or []) - len(found)}
+    HOSTILE_RESULTS.append(result)
+    return result
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def open_sockets(pid: int) -> int:
+    """Sockets the process holds (its connections, its listener, its Redis clients)."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except OSError:
+            pass
+    return count
+
+
+class StallProbe:
+    """Polls /health/live from a thread; ``worst`` is the longest answer seen, in seconds
+    (a failed probe counts the time it took, and ``errors`` counts it)."""
+
+    def __init__(self, service: Service, interval: float = 0.02) -> None:
+        self.url = f"{service.url}/health/live"
+        self.interval = interval
+        self.worst = 0.0
+        self.errors = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        client = httpx.Client(timeout=60)
+        while not self.stop.is_set():
+            started = time.monotonic()
+            try:
+                ok = client.get(self.url).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+                client.close()
+                client = httpx.Client(timeout=60)
+            self.errors += not ok
+            self.worst = max(self.worst, time.monotonic() - started)
+            time.sleep(self.interval)
+        client.close()
+
+    def __enter__(self) -> StallProbe:
+        self.thread.start()
+        time.sleep(0.3)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(30)
+
+
+def _hostile_summary(write: Any) -> None:
+    write("")
+    write("hostile-input suite: bounded, served, nothing lost or doubled?")
+    write(f"{'case':<46} {'attempts':>8} {'5xx':>4} {'stall s':>7} {'RSS MB before→after':>20} "
+          f"{'acked':>6} {'once':>6} {'doubled':>7}")
+    for r in HOSTILE_RESULTS:
+        rss = f"{r['rss_before']:.0f} → {r['rss_after']:.0f}"
+        write(f"{r['case']:<46} {r['attempts']:>8} {r['5xx']:>4} {r['stall']:>7.2f} {rss:>20} "
+              f"{r['acked']:>6} {r['once']:>6} {r['doubled']:>7}")
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if HOSTILE_RESULTS:
+        _hostile_summary(terminalreporter.write_line)
     if not FAULT_RESULTS:
         return
     write = terminalreporter.write_line

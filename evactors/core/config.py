@@ -58,8 +58,10 @@ class ServerConfig(_Section):
         "Events waiting in Redis (not yet in ClickHouse) above which ingest answers 503.")] = 2_000_000
     retry_after_seconds: Annotated[int, Doc("Seconds a 503 asks the sender to wait (Retry-After).")] = 5
     read_timeout_seconds: Annotated[float, Doc(
-        "A connection that sends nothing for this long is closed: idle keep-alive connections, "
-        "and slow clients that never finish a request (slowloris).")] = 10.0
+        "A connection that sends nothing for this long is closed. Also the deadline of a "
+        "request's headers, counted from the connection's start (or the end of its previous "
+        "response) to the last header, however slowly they trickle in; an idle keep-alive "
+        "connection is closed after it too.")] = 10.0
     high_water_bytes: Annotated[int, Doc(
         "Bytes of events waiting in Redis (the ingest stream and the buffers, as Redis's MEMORY "
         "USAGE counts them) above which ingest answers 503, as past high_water_events. 0: a "
@@ -68,6 +70,43 @@ class ServerConfig(_Section):
     live_viewers_per_project: Annotated[int, Doc(
         "Live-view streams open at once on one project: one project's viewers cannot take "
         "every other project's places.")] = 20
+    http2_cleartext: Annotated[bool, Doc(
+        "Accept HTTP/2 without TLS (h2c: the Upgrade header or the prior-knowledge preface). "
+        "Off: every request is answered in HTTP/1.1 (what Segment's SDKs and browsers use "
+        "over plain HTTP); put a TLS proxy in front for HTTP/2.")] = False
+
+
+class LimitsConfig(_Section):
+    """Bounds on what one client can make the service spend (see docs/operations.md, Limits)."""
+
+    max_connections: Annotated[int, Doc(
+        "Open HTTP connections; past it a new one gets 503 and is closed. Lowered at start "
+        "to the file descriptor limit less 256 (kept for Redis, ClickHouse and files). 0: no cap.")] = 10_000
+    max_connections_per_ip: Annotated[int, Doc(
+        "Open HTTP connections from one client address; past it a new one gets 429 and is "
+        "closed. Trusted proxies (server.trusted_proxies) are exempt. 0: no cap.")] = 256
+    body_timeout_seconds: Annotated[float, Doc(
+        "A request body must arrive within this many seconds plus its length at "
+        "min_body_bytes_per_second, in total (not per read); else 408.")] = 10.0
+    min_body_bytes_per_second: Annotated[int, Doc(
+        "The slowest upload served: a 500 KB body gets body_timeout_seconds + 25 s at the "
+        "default.")] = 20_000
+    max_pending_body_bytes: Annotated[int, Doc(
+        "Bytes of request bodies being received at once (a body counts its declared length, "
+        "or server.max_batch_bytes when chunked, from its first byte); past it 503. Bounds "
+        "the memory of many slow uploads.")] = 128 << 20
+    key_events_per_second: Annotated[float, Doc(
+        "Events per second per write key (a token bucket); past it 429 with Retry-After. "
+        "0: no limit. The default is above what one machine ingests: lower it when one "
+        "project must not starve another.")] = 100_000.0
+    key_burst_events: Annotated[int, Doc("Events a write key may send at once above its rate.")] = 200_000
+    device_events_per_second: Annotated[float, Doc(
+        "Events per second per device (project and anonymousId, else userId); past it the "
+        "request gets 429 with Retry-After. 0: no limit.")] = 1_000.0
+    device_burst_events: Annotated[int, Doc("Events a device may send at once above its rate.")] = 10_000
+    max_user_agent_length: Annotated[int, Doc(
+        "Characters of a user agent kept (header or context.userAgent); longer ones are cut "
+        "before they are stored or parsed.")] = 1024
 
 
 class RedisConfig(_Section):
@@ -240,6 +279,7 @@ class Config(_Section):
         "write keys do not (browser write keys are public). A project without one gets a "
         "generated key, kept in DATA/read_key.PROJECT and printed when it is made.")] = {}
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
     clickhouse: ClickHouseConfig = msgspec.field(default_factory=ClickHouseConfig)
     geoip: GeoIPConfig = msgspec.field(default_factory=GeoIPConfig)
@@ -395,6 +435,12 @@ def validate(c: Config) -> None:
         ("redis.maxmemory", c.redis.maxmemory + 1),  # 0: derived
         ("redis.aof_rewrite_seconds", c.redis.aof_rewrite_seconds + 1),  # 0: off
         ("pipeline.max_held_view_bytes", c.pipeline.max_held_view_bytes),
+        ("limits.body_timeout_seconds", c.limits.body_timeout_seconds),
+        ("limits.min_body_bytes_per_second", c.limits.min_body_bytes_per_second),
+        ("limits.max_pending_body_bytes", c.limits.max_pending_body_bytes),
+        ("limits.key_burst_events", c.limits.key_burst_events),
+        ("limits.device_burst_events", c.limits.device_burst_events),
+        ("limits.max_user_agent_length", c.limits.max_user_agent_length),
         ("redis.timeout_seconds", c.redis.timeout_seconds),
         ("clickhouse.timeout_seconds", c.clickhouse.timeout_seconds),
         ("pipeline.enrichers", c.pipeline.enrichers),
@@ -416,6 +462,12 @@ def validate(c: Config) -> None:
         ("openpanel.dedup_window_seconds", c.openpanel.dedup_window_seconds),
     ]:
         _positive(key, value)
+    for key, value in [("limits.max_connections", c.limits.max_connections),
+                       ("limits.max_connections_per_ip", c.limits.max_connections_per_ip),
+                       ("limits.key_events_per_second", c.limits.key_events_per_second),
+                       ("limits.device_events_per_second", c.limits.device_events_per_second)]:
+        if value < 0:
+            raise ConfigError(key, f"expected 0 (no limit) or more, got {value}")
     if c.pipeline.session_workers < 0:
         raise ConfigError("pipeline.session_workers", "expected 0 (in process) or more")
     if c.supervisor.max_restarts < 0:

@@ -97,6 +97,7 @@ class Peer:
     sent_at: datetime | None = None
     # the key the request was authenticated with: a message naming another is refused
     write_key: str = ""
+    max_user_agent: int = 1024  # characters of a user agent kept (limits.max_user_agent_length)
 
 
 def decompress(body: bytes, encoding: str, limit: int) -> bytes:
@@ -109,17 +110,29 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
         raise RequestError(415, "unsupported_encoding",
                            f"Content-Encoding {encoding!r} is not supported (use gzip)")
     wbits = 16 + zlib.MAX_WBITS if encoding != "deflate" else zlib.MAX_WBITS
-    inflater = zlib.decompressobj(wbits)
+    parts: list[bytes] = []
+    size = 0
+    rest = body
     try:
-        out = inflater.decompress(body, limit + 1)
-        if len(out) > limit or inflater.unconsumed_tail:
-            raise RequestError(413, "batch_too_large",
-                               f"decompressed body exceeds the batch limit of {limit} bytes")
-        if not inflater.eof:
-            raise RequestError(400, "bad_gzip", "gzip body is truncated")
+        while True:  # gzip allows several members one after another (RFC 1952 §2.2)
+            inflater = zlib.decompressobj(wbits)
+            out = inflater.decompress(rest, limit + 1 - size)
+            size += len(out)
+            if size > limit or inflater.unconsumed_tail:
+                raise RequestError(413, "batch_too_large",
+                                   f"decompressed body exceeds the batch limit of {limit} bytes")
+            if not inflater.eof:
+                raise RequestError(400, "bad_gzip", f"{encoding} body is truncated")
+            parts.append(out)
+            rest = inflater.unused_data
+            if not rest:
+                break
+            if encoding == "deflate" or not rest.startswith(b"\x1f\x8b"):
+                raise RequestError(400, "bad_gzip", f"{len(rest)} byte(s) of junk after the "
+                                   f"{encoding} data")
     except (zlib.error, gzip.BadGzipFile) as e:
         raise RequestError(400, "bad_gzip", f"body is not valid {encoding}: {e}") from None
-    return out
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 # What decoding hostile JSON can raise besides a validation error: malformed JSON, bytes
@@ -222,7 +235,7 @@ def derived_message_id(project_id: str, raw: bytes, index: int) -> str:
 def to_incoming(msg: Message, kind: str, project_id: str, peer: Peer,
                 batch_sent_at: datetime | None, fallback_id: str) -> Incoming:
     context = msg.context or Context()
-    ip, user_agent = context.ip or peer.ip, context.userAgent or peer.user_agent
+    ip, user_agent = context.ip or peer.ip, (context.userAgent or peer.user_agent)[:peer.max_user_agent]
     traits = msg.traits or {}
     if kind == "identify" and context.traits:  # RudderStack: identify's traits live here
         traits = {**context.traits, **traits}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+from collections.abc import Generator
 from functools import lru_cache
 from typing import NamedTuple
 from urllib.parse import parse_qs, urlsplit
@@ -35,6 +36,7 @@ def truncate_ip(ip: str) -> str:
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False).network_address)
 
 
+STEP = 32  # events between the pauses of split_steps (where a caller may look at its clock)
 MAX_CACHED_KEY = 1024  # characters: longer user agents and URLs are parsed, not cached
 
 
@@ -88,8 +90,9 @@ class Enricher:
     positionally. This is what keeps a warm event at a few microseconds."""
 
     def __init__(self, config: PipelineConfig, geoip: GeoIP, ua: UserAgentParser,
-                 bots: BotDetector) -> None:
+                 bots: BotDetector, max_user_agent: int = 1024) -> None:
         self.config = config
+        self.max_user_agent = max_user_agent  # ingest cuts too; this guards older entries
         self.geoip = geoip
         self.ua = ua
         self.bots = bots
@@ -116,6 +119,8 @@ class Enricher:
     def enrich(self, event: Incoming) -> EventRow | BotRow:
         """The enriched row; for a bot (unless bots are kept in events) its events_bots row."""
         ua = event.user_agent  # an outsized key would not be worth keeping in a cache
+        if len(ua) > self.max_user_agent:
+            ua = ua[:self.max_user_agent]
         info, bot = self.agent(ua) if len(ua) <= MAX_CACHED_KEY else self._agent(ua)
         if bot:
             self.bots_seen[bot] = self.bots_seen.get(bot, 0) + 1
@@ -177,13 +182,28 @@ class Enricher:
                                                               list[tuple[Incoming, str]]]:
         """Enrich a batch and cut it into per-shard parts; set each receipt's part count.
         Events whose enrichment raises come back apart (poison), with the error."""
+        steps = self.split_steps(batch, shards)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+
+    def split_steps(self, batch: IngestBatch, shards: int) -> Generator[None, None, tuple[
+            dict[int, ShardBatch], list[tuple[Incoming, str]]]]:
+        """:meth:`split`, pausing after every ``STEP`` events so that a caller may give the
+        event loop a turn (``enricher`` does when a batch runs past its time budget)."""
         parts = [ShardBatch() for _ in range(shards)]
+        step = 0
         enrich, events = self.enrich, batch.events
         poison: list[tuple[Incoming, str]] = []
         offset = 0
         for receipt in batch.receipts:
             touched: set[int] = set()
             for event in events[offset:offset + receipt.events]:
+                step += 1
+                if step % STEP == 0:
+                    yield
                 try:
                     if event.name == self.poison_hook:
                         raise RuntimeError("injected poison (EVACTORS_TEST_POISON_EVENT)")

@@ -4,11 +4,12 @@ and device-type normalization to mobile / tablet / desktop / tv / console / wear
 from __future__ import annotations
 
 import logging
-import re
 from functools import lru_cache
 from typing import NamedTuple
 
 import ua_parser
+
+from evactors.enrichment.bots import _compile
 
 log = logging.getLogger("evactors.useragent")
 
@@ -36,23 +37,15 @@ def _resolver() -> tuple[ua_parser.Parser, str]:
     return ua_parser.Parser(ua_parser.BasicResolver(matchers)), "basic"
 
 
-_TV = re.compile(r"SmartTV|SMART-TV|Smart-TV|SmartHub|\bTV\b|GoogleTV|Android TV|AndroidTV|AppleTV|"
+_TV = _compile(r"(?i)SmartTV|SMART-TV|Smart-TV|SmartHub|\bTV\b|GoogleTV|Android TV|AndroidTV|AppleTV|"
                  r"Apple ?TV|CrKey|BRAVIA|HbbTV|Web0S|WebOS.*TV|NetCast|Roku|AFT[A-Z]|Viera|"
-                 r"PhilipsTV|Tizen.*TV|DTV|\bSTB\b", re.I)
-
-
-_CONSOLE = re.compile(r"PlayStation|Xbox|Nintendo|\bOUYA\b", re.I)
-
-
-_WEARABLE = re.compile(r"\bWatch\b|Wear ?OS|wearable|Glass\b", re.I)
-
-
-_TABLET = re.compile(r"iPad|Tablet|\bTab\b|Kindle|Silk/|PlayBook|Nexus (7|9|10)\b|SM-T\d|"
-                     r"GT-P\d|Lenovo TB|MediaPad|Xoom", re.I)
-
-
-_MOBILE = re.compile(r"Mobi|iPhone|iPod|Windows Phone|BlackBerry|BB10|Opera Mini|IEMobile|"
-                     r"webOS|Symbian|Fennec", re.I)
+                 r"PhilipsTV|Tizen.*TV|DTV|\bSTB\b")
+_CONSOLE = _compile(r"(?i)PlayStation|Xbox|Nintendo|\bOUYA\b")
+_WEARABLE = _compile(r"(?i)\bWatch\b|Wear ?OS|wearable|Glass\b")
+_TABLET = _compile(r"(?i)iPad|Tablet|\bTab\b|Kindle|Silk/|PlayBook|Nexus (7|9|10)\b|SM-T\d|"
+                     r"GT-P\d|Lenovo TB|MediaPad|Xoom")
+_MOBILE = _compile(r"(?i)Mobi|iPhone|iPod|Windows Phone|BlackBerry|BB10|Opera Mini|IEMobile|"
+                     r"webOS|Symbian|Fennec")
 
 
 def device_type(ua: str, os_family: str) -> str:

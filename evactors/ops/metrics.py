@@ -147,3 +147,9 @@ REDIS_EVICTED = Counter("evactors_redis_evicted_keys", "Keys Redis evicted while
 HELD_VIEWS_TRUNCATED = Counter("evactors_held_views_truncated", "Screen views whose properties were "
                                "cut to pipeline.max_held_view_bytes while held in a session's state",
                                registry=REGISTRY)
+CONNECTIONS_OPEN = Gauge("evactors_http_connections", "Open HTTP connections", registry=REGISTRY)
+CONNECTIONS_REFUSED = Counter("evactors_http_connections_refused", "Connections refused at accept, by "
+                              "limit (total, per_ip, fd_limit)", ["limit"], registry=REGISTRY)
+RATE_LIMITED = Counter("evactors_rate_limited", "Requests answered 429 by a rate limit (key, device) "
+                       "or 408/503 by a request bound (body_timeout, body_memory)", ["limit"],
+                       registry=REGISTRY)

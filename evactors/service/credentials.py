@@ -47,8 +47,9 @@ class AdminToken:
 
     def check(self, header: str) -> bool:
         scheme, _, value = header.partition(" ")
+        # as bytes: compare_digest refuses a str that is not ASCII (a header can be any latin-1)
         return (bool(self.token) and scheme.lower() == "bearer"
-                and hmac.compare_digest(value.strip(), self.token))
+                and hmac.compare_digest(value.strip().encode(), self.token.encode()))
 
 
 log = logging.getLogger("evactors.supervisor")

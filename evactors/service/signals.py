@@ -7,12 +7,13 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import trio
 
 from evactors.core.config import Config
 from evactors.enrichment.geoip import GeoIP
-from evactors.service.credentials import WriteKeys
+from evactors.service.credentials import WriteKeys, load_or_create_write_key
 
 log = logging.getLogger("evactors.supervisor")
 
@@ -42,9 +43,11 @@ async def drain_deadline(shutdown: trio.Event, seconds: float, cancel: trio.Canc
 
 
 def reloader(write_keys: WriteKeys, geoip: GeoIP, reload_config: Callable[[], Config] | None,
-             reconfigure: Callable[[Config], None] | None = None) -> Callable[[], Awaitable[None]]:
+             reconfigure: Callable[[Config], None] | None = None,
+             data_dir: Path | None = None) -> Callable[[], Awaitable[None]]:
     """What SIGHUP does: new write keys from the configuration (and ``reconfigure``: the
-    allowed origins, OpenPanel's clients), and a changed GeoIP file."""
+    allowed origins, OpenPanel's clients), and a changed GeoIP file. No write keys at all:
+    as at start, only the generated one (in ``data_dir``)."""
 
     async def reload() -> None:
         if reload_config is not None:
@@ -56,6 +59,12 @@ def reloader(write_keys: WriteKeys, geoip: GeoIP, reload_config: Callable[[], Co
             if fresh.write_keys:
                 write_keys.replace(fresh.write_keys)
                 log.info("SIGHUP: %d write keys loaded", len(fresh.write_keys))
+            elif data_dir is not None:  # what a restart would do: configured keys go, the generated one serves
+                key, project, _made = load_or_create_write_key(data_dir)
+                write_keys.replace({key: project})
+                log.warning("SIGHUP: no write keys configured: every configured key is revoked; "
+                            "only the generated key in %s (project %r) is accepted, as at start",
+                            data_dir / "write_key", project)
             if reconfigure is not None:
                 reconfigure(fresh)
         reloaded = await geoip.reload_if_changed()

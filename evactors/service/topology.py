@@ -130,7 +130,8 @@ async def serve(config: Config, parts: Parts, ready: Callable[[dict[str, Any]], 
 
     backlog = Backlog(redis, keys, pipe.session_shards)
     await backlog.exact()
-    enrich = Enricher(pipe, parts.geoip, UserAgentParser(pipe.ua_cache_size), BotDetector(pipe.ua_cache_size))
+    enrich = Enricher(pipe, parts.geoip, UserAgentParser(pipe.ua_cache_size), BotDetector(pipe.ua_cache_size),
+                      max_user_agent=config.limits.max_user_agent_length)
     flush = Flusher(redis, keys, clickhouse, pipe.session_shards, config.flush.chunk_rows)
 
     def depths() -> dict[str, int]:
@@ -153,7 +154,8 @@ async def serve(config: Config, parts: Parts, ready: Callable[[dict[str, Any]], 
         return set(write_keys.projects()) | set(c.openpanel.clients.values())
 
     cors, clients = Cors(config.cors, projects(config)), Clients(config.openpanel)
-    segment_api = SegmentApi(server, write_keys, durable, http_to_enrich, backlog, in_flight, cors, memory)
+    segment_api = SegmentApi(server, write_keys, durable, http_to_enrich, backlog, in_flight, cors, memory,
+                             config.limits)
     admin = AdminRoutes(parts.admin, status, clickhouse, write_keys, durable, http_to_enrich, in_flight,
                         server.retry_after_seconds)
     app = App(
@@ -191,7 +193,7 @@ async def serve(config: Config, parts: Parts, ready: Callable[[dict[str, Any]], 
     try:
         async with trio.open_nursery() as root:
             root.start_soon(watch_signals, shutdown, root.cancel_scope,
-                            reloader(write_keys, parts.geoip, reload_config, reconfigure))
+                            reloader(write_keys, parts.geoip, reload_config, reconfigure, config.data_path))
             root.start_soon(systemd.watchdog)
             root.start_soon(drain_deadline, shutdown, config.supervisor.drain_seconds, root.cancel_scope)
             # Background actors: cancelled with the root once the pipeline has drained.

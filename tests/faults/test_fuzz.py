@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import Service, message, record_fault_result
+from conftest import Service, StallProbe, message, record_fault_result, record_hostile_result
 
 pytestmark = pytest.mark.slow
 
@@ -143,7 +143,7 @@ def test_fuzz_the_http_api(service: Service) -> None:
             if i % 20 == 0:
                 send_valid()
 
-    with ThreadPoolExecutor(8) as pool:
+    with StallProbe(service, interval=0.1) as probe, ThreadPoolExecutor(8) as pool:
         for future in [pool.submit(worker, REQUESTS // 8) for _ in range(8)]:
             future.result()
     seconds = time.monotonic() - started
@@ -162,4 +162,6 @@ def test_fuzz_the_http_api(service: Service) -> None:
             break
         time.sleep(0.5)
     result = record_fault_result("fuzz: 100k hostile requests, valid alongside", 1, acked, stored)
+    record_hostile_result("fuzz (100k generated and mutated requests)", sent[0], len(server_errors),
+                          probe.worst, rss_start, rss_end, acked, stored)
     assert result["lost"] == 0 and result["doubled"] == 0, result

@@ -86,7 +86,9 @@ class App:
             status, body = e.status, encode(e.body)
             log.info("refused %s %r: %d %s", method, path, e.status, e.body["error"])
             headers = list(JSON)
-            if e.status == 503:
+            if e.status == 429:
+                headers.append((b"retry-after", str(e.body.get("retry_after", 1)).encode()))
+            elif e.status == 503:
                 headers.append((b"retry-after", str(self.retry_after).encode()))
 
         if browser:
@@ -105,7 +107,7 @@ class App:
 
     async def other(self, path: str, method: str, scope: Scope,
                     receive: Receive) -> tuple[int, Headers, bytes]:
-        if (reply := await self.health(path)) is not None:
+        if (reply := await self.health(path, header(scope, b"authorization"))) is not None:
             return reply
         if path == "/live" and method == "GET" and self.live is not None:
             return self.live.page(scope)

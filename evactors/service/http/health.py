@@ -22,7 +22,7 @@ class Health:
         self.backlog = backlog
         self.high_water_events = high_water_events
 
-    async def __call__(self, path: str) -> Reply | None:
+    async def __call__(self, path: str, authorization: str = "") -> Reply | None:
         """The reply of a health or metrics route, or None when ``path`` is not one."""
         if path == "/health/live":
             return 200, list(JSON), b'{"status":"live"}'

@@ -55,14 +55,14 @@ class OtherApis:
         if kind == "metrics":  # an SDK's own telemetry: counted, not kept, never an error
             if method != "POST":
                 raise RequestError(405, "method_not_allowed", f"{scope['path']} accepts POST")
-            await read_body(scope, receive, limit)
+            await read_body(scope, receive, limit, self.segment.bodies)
             SDK_TELEMETRY.inc()
             return 200, {"success": True}, []
         if kind == "posthog-flags":
             if method not in ("GET", "POST"):
                 raise RequestError(405, "method_not_allowed", f"{scope['path']} accepts GET and POST")
             if method == "POST":
-                await read_body(scope, receive, limit)
+                await read_body(scope, receive, limit, self.segment.bodies)
             return 200, posthog.EMPTY_FLAGS, []
         if kind == "posthog-config":
             if method != "GET":
@@ -78,17 +78,18 @@ class OtherApis:
         return await self.openpanel(scope, receive)
 
     def _peer(self, scope: Scope, sdk_prefix: str) -> Peer:
-        agent = header(scope, b"user-agent")
+        cap = self.segment.bounds.max_user_agent_length
+        agent = header(scope, b"user-agent")[:cap]
         if header_describes_sender(agent) or agent.lower().startswith(sdk_prefix):
             agent = ""  # the sending server's HTTP client or SDK, not a visitor
-        return Peer(self.segment.client_address(scope), agent, int(time.time() * 1000))
+        return Peer(self.segment.client_address(scope), agent, int(time.time() * 1000), max_user_agent=cap)
 
     async def _read(self, scope: Scope, receive: Receive) -> bytes:
         limits = self.segment.limits
         if self.segment.backlog.cached > limits.high_water_events:
             raise RequestError(503, "backlog_full", "the durable backlog is over its high-water "
                                "mark; retry later", retry_after=limits.retry_after_seconds)
-        raw = await read_body(scope, receive, limits.max_batch_bytes)
+        raw = await read_body(scope, receive, limits.max_batch_bytes, self.segment.bodies)
         return decompress(raw, header(scope, b"content-encoding"), limits.max_batch_bytes)
 
     async def posthog(self, scope: Scope, receive: Receive) -> Answer:

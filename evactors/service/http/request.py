@@ -6,12 +6,16 @@ ASGI's types are plain dicts; these helpers keep the routes free of that plumbin
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
+import trio
 
+from evactors.core.config import LimitsConfig
 from evactors.core.segment import RequestError
+from evactors.ops import metrics
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -40,26 +44,63 @@ def json_reply(status: int, payload: Any) -> Reply:
     return status, list(JSON), encode(payload)
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The whole body, refused (413) as soon as it is known to pass ``limit`` bytes."""
+async def read_body(scope: Scope, receive: Receive, limit: int,
+                    bounds: BodyBounds | None = None) -> bytes:
+    """The whole body, refused (413) as soon as it is known to pass ``limit`` bytes; with
+    ``bounds``, within one deadline for all of it (408; a body trickled in a byte at a time
+    is cut off however often bytes come) and within the bytes all bodies being received
+    may hold at once (503)."""
     declared = header(scope, b"content-length")
     if declared.isdigit() and int(declared) > limit:
         raise RequestError(413, "batch_too_large",
                            f"body is {declared} bytes; the limit is {limit} bytes (500 KB) per request")
+    expected = int(declared) if declared.isdigit() else limit
+    seconds = bounds.reserve(expected) if bounds is not None else math.inf
     chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise RequestError(400, "client_disconnected", "client went away")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, "batch_too_large",
-                               f"body exceeds the limit of {limit} bytes (500 KB) per request")
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            scope["evactors.body_read"] = True
-            return b"".join(chunks)
+    try:
+        with trio.move_on_after(seconds):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise RequestError(400, "client_disconnected", "client went away")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise RequestError(413, "batch_too_large",
+                                       f"body exceeds the limit of {limit} bytes (500 KB) per request")
+                chunks.append(chunk)
+                if not message.get("more_body"):
+                    scope["evactors.body_read"] = True
+                    return b"".join(chunks)
+    finally:
+        if bounds is not None:
+            bounds.release(expected)
+    metrics.RATE_LIMITED.labels("body_timeout").inc()
+    raise RequestError(408, "body_timeout", f"the body did not arrive within {seconds:.0f} s "
+                       f"({size} of {declared or 'chunked'} bytes received)")
+
+
+class BodyBounds:
+    """The deadline of one body (``limits.body_timeout_seconds`` plus its length at
+    ``limits.min_body_bytes_per_second``) and the budget of all bodies being received at
+    once (``limits.max_pending_body_bytes``, each counted at its declared length)."""
+
+    def __init__(self, limits: LimitsConfig, retry_after: int) -> None:
+        self.limits = limits
+        self.retry_after = retry_after
+        self.pending = 0
+
+    def reserve(self, expected: int) -> float:
+        """Count ``expected`` bytes against the budget (503 past it); the body's deadline."""
+        if self.pending + expected > self.limits.max_pending_body_bytes:
+            metrics.RATE_LIMITED.labels("body_memory").inc()
+            raise RequestError(503, "busy", "too many request bodies are being received at once; "
+                               "retry later", retry_after=self.retry_after)
+        self.pending += expected
+        return self.limits.body_timeout_seconds + expected / self.limits.min_body_bytes_per_second
+
+    def release(self, expected: int) -> None:
+        self.pending -= expected
 
 
 class ClientAddress:

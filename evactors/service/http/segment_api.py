@@ -19,8 +19,10 @@ from typing import Any
 import redis
 import trio
 
-from evactors.core.config import CorsConfig, ServerConfig
+from evactors.core.config import CorsConfig, LimitsConfig, ServerConfig
+from evactors.core.limits import TokenBuckets, retry_after
 from evactors.core.messages import IngestBatch
+from evactors.core.model import Incoming
 from evactors.core.segment import Parsed, Peer, RequestError, body_write_key, decompress, parse
 from evactors.enrichment.bots import header_describes_sender
 from evactors.ops import metrics
@@ -29,7 +31,7 @@ from evactors.pipeline.durable_log import DurableLog
 from evactors.pipeline.inflight import InFlight
 from evactors.service.credentials import WriteKeys
 from evactors.service.http.cors import Cors
-from evactors.service.http.request import ClientAddress, Receive, Scope, header, read_body
+from evactors.service.http.request import BodyBounds, ClientAddress, Receive, Scope, header, read_body
 from evactors.service.http.rudderstack import fallback_headers, query_write_key
 from evactors.store.redis_io import TRANSIENT
 from evactors.store.redis_memory import Memory
@@ -54,10 +56,15 @@ class SegmentApi:
 
     def __init__(self, limits: ServerConfig, write_keys: WriteKeys, durable: DurableLog,
                  outbox: trio.MemorySendChannel[IngestBatch], backlog: Backlog,
-                 in_flight: InFlight, cors: Cors | None = None, memory: Memory | None = None) -> None:
+                 in_flight: InFlight, cors: Cors | None = None, memory: Memory | None = None,
+                 bounds: LimitsConfig | None = None) -> None:
         self.memory = memory  # Redis's memory, read each second (pipeline.memory_watch)
         self.limits = limits
         self.cors = cors if cors is not None else Cors(CorsConfig(), set())  # per-project origins
+        self.bounds = bounds = bounds or LimitsConfig()
+        self.per_key = TokenBuckets(bounds.key_events_per_second, bounds.key_burst_events)
+        self.per_device = TokenBuckets(bounds.device_events_per_second, bounds.device_burst_events)
+        self.bodies = BodyBounds(bounds, limits.retry_after_seconds)
         self.write_keys = write_keys
         self.durable = durable
         self.outbox = outbox
@@ -74,19 +81,27 @@ class SegmentApi:
         if self.memory is not None and self.memory.full:
             raise RequestError(503, "backlog_full", "the durable backlog is over its high-water "
                                "mark in bytes; retry later", retry_after=limits.retry_after_seconds)
-        raw = await read_body(scope, receive, limits.max_batch_bytes)
-        body = decompress(raw, header(scope, b"content-encoding"), limits.max_batch_bytes)
-        key = (basic_user(header(scope, b"authorization")) or body_write_key(body)
-               or query_write_key(scope))
+        # A key in the Authorization header is checked before the body costs anything.
+        key = basic_user(header(scope, b"authorization"))
         project = self.write_keys.project(key)
+        if key is not None and project is None:
+            raise RequestError(401, "unauthorized", "unknown write key")
+        if project is not None:
+            self._rate_check(self.per_key, project, 1, "key")
+        raw = await read_body(scope, receive, limits.max_batch_bytes, self.bodies)
+        body = decompress(raw, header(scope, b"content-encoding"), limits.max_batch_bytes)
+        if key is None:
+            key = body_write_key(body) or query_write_key(scope)
+            project = self.write_keys.project(key)
         if project is None:
             raise RequestError(401, "unauthorized", "missing write key" if not key else "unknown write key")
         self.check_origin(scope, project)
-        header_ua = header(scope, b"user-agent")
+        cap = self.bounds.max_user_agent_length
+        header_ua = header(scope, b"user-agent")[:cap]
         if header_describes_sender(header_ua):
             header_ua = ""  # curl, an SDK's HTTP client…: the sender, not a visitor
         peer = Peer(self.client_address(scope), header_ua, int(time.time() * 1000), *fallback_headers(scope),
-                    write_key=key or "")
+                    write_key=key or "", max_user_agent=cap)
         parsed = parse(kind, body, project, peer, limits.max_event_bytes)
         refused = await self.store(project, parsed)
         return (400, refused, []) if refused else (200, {"success": True}, [])
@@ -104,6 +119,7 @@ class SegmentApi:
         for rejected in parsed.rejected:
             metrics.EVENTS_REJECTED.labels(rejected.field).inc()
         if parsed.events:
+            self._rate_limit(project, parsed.events)
             try:
                 receipt = await self.durable.append(parsed.events, parsed.stored_form())
             except (*TRANSIENT, TimeoutError, redis.ResponseError) as e:  # OOM, MISCONF, READONLY…
@@ -122,3 +138,27 @@ class SegmentApi:
                 "rejected": [r.as_dict() for r in parsed.rejected[:100]],
             }
         return None
+
+    def _rate_check(self, buckets: TokenBuckets, key: Any, n: int, limit: str) -> None:
+        wait = buckets.wait_for(key, n)
+        if wait > 0:
+            metrics.RATE_LIMITED.labels(limit).inc()
+            seconds = retry_after(wait)
+            what = "write key" if limit == "key" else f"device {key[1][:64]!r}"
+            raise RequestError(429, "rate_limited", f"too many events for this {what} "
+                               f"(limits.{limit}_events_per_second); retry in {seconds} s",
+                               retry_after=seconds)
+
+    def _rate_limit(self, project: str, events: list[Incoming]) -> None:
+        """Per write key (its project) and per device: all of the request or none of it."""
+        per_device: dict[tuple[str, str], int] = {}
+        if self.per_device.enabled:
+            for event in events:
+                device = (project, event.anonymous_id or event.user_id)
+                per_device[device] = per_device.get(device, 0) + 1
+            for device, n in per_device.items():
+                self._rate_check(self.per_device, device, n, "device")
+        self._rate_check(self.per_key, project, len(events), "key")
+        self.per_key.take(project, len(events))
+        for device, n in per_device.items():
+            self.per_device.take(device, n)
