@@ -326,41 +326,56 @@ def open_sockets(pid: int) -> int:
     return count
 
 
+_PROBE = """
+import signal, sys, time, httpx
+url, interval = sys.argv[1], float(sys.argv[2])
+worst, errors, stop = 0.0, 0, False
+def end(*_):
+    global stop
+    stop = True
+signal.signal(signal.SIGTERM, end)
+client = httpx.Client(timeout=60)
+print("ready", flush=True)
+while not stop:
+    started = time.monotonic()
+    try:
+        ok = client.get(url).status_code == 200
+    except httpx.HTTPError:
+        ok = False
+        client.close()
+        client = httpx.Client(timeout=60)
+    errors += not ok
+    worst = max(worst, time.monotonic() - started)
+    time.sleep(interval)
+print(worst, errors, flush=True)
+"""
+
+
 class StallProbe:
-    """Polls /health/live from a thread; ``worst`` is the longest answer seen, in seconds
-    (a failed probe counts the time it took, and ``errors`` counts it)."""
+    """Polls /health/live from a process of its own (a thread of the test's process would
+    wait for its GIL behind the test's own work and measure that); ``worst`` is the longest
+    answer seen, in seconds, and ``errors`` the probes that failed."""
 
     def __init__(self, service: Service, interval: float = 0.02) -> None:
-        self.url = f"{service.url}/health/live"
-        self.interval = interval
+        self.args = [sys.executable, "-c", _PROBE, f"{service.url}/health/live", str(interval)]
         self.worst = 0.0
         self.errors = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        client = httpx.Client(timeout=60)
-        while not self.stop.is_set():
-            started = time.monotonic()
-            try:
-                ok = client.get(self.url).status_code == 200
-            except httpx.HTTPError:
-                ok = False
-                client.close()
-                client = httpx.Client(timeout=60)
-            self.errors += not ok
-            self.worst = max(self.worst, time.monotonic() - started)
-            time.sleep(self.interval)
-        client.close()
+        self.proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> StallProbe:
-        self.thread.start()
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        self.proc.stdout.readline()  # ready
         time.sleep(0.3)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(30)
+        assert self.proc is not None and self.proc.stdout is not None
+        self.proc.terminate()
+        out = self.proc.stdout.read().split()
+        self.proc.wait(30)
+        if len(out) == 2:
+            self.worst, self.errors = float(out[0]), int(out[1])
 
 
 def _hostile_summary(write: Any) -> None:

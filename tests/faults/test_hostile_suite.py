@@ -114,6 +114,7 @@ def _finish(service: Service, case: str, attempts: int, server_errors: int, prob
     result = record_hostile_result(case, attempts, server_errors + normal.failures, probe.worst,
                                    rss["before"], rss["after"], normal.acked, stored)
     assert normal.acked, normal.statuses  # the normal sender was served
+    assert probe.worst > 0 and probe.errors == 0, (probe.worst, probe.errors)
     assert result["5xx"] == 0, (normal.statuses, result)
     assert result["once"] == result["acked"] and result["doubled"] == 0, result
     assert service.proc is not None and service.proc.poll() is None

@@ -84,7 +84,7 @@ def test_a_60_kb_user_agent_is_cut_to_1_kb_and_does_not_stall_the_service(make_s
         rows = service.wait_rows("SELECT name, user_agent FROM evactors.events WHERE name LIKE 'Long %'", 2)
     assert r.status_code == 200 and r2.status_code == 200
     assert header_ack < 1.0 and body_ack < 1.0, (header_ack, body_ack)  # 7.2 s and 1.6 s before
-    assert probe.worst < 0.5, probe.worst
+    assert 0 < probe.worst < 0.5, probe.worst  # measured, and short
     assert {row["name"]: len(row["user_agent"]) for row in rows} == {"Long header UA": 1024,
                                                                      "Long body UA": 1024}
 
