@@ -68,6 +68,16 @@ def test_device_type_is_linear_in_the_length_of_the_user_agent() -> None:
         assert time.perf_counter() - started < 0.05, ua[:20]  # Python re: 1.6 s for the first
 
 
+def test_every_pattern_run_on_a_user_agent_is_re2() -> None:
+    from evactors.enrichment import bots, useragent
+
+    patterns = [useragent._TV, useragent._CONSOLE, useragent._WEARABLE, useragent._TABLET,
+                useragent._MOBILE, bots.SEED, bots.HEADLESS, bots.SERVER_SDK, bots.HTTP_CLIENT,
+                bots.CRAWLERS]
+    assert all(type(p).__module__.startswith("re2") for p in patterns), \
+        [type(p).__module__ for p in patterns]  # bots._compile falls back to re silently
+
+
 def test_a_60_kb_user_agent_is_cut_to_1_kb_and_does_not_stall_the_service(make_service) -> None:  # type: ignore[no-untyped-def]
     service: Service = make_service(env={"EVACTORS_PIPELINE_PII": "keep"}).start()
     long_header = "Mozilla/5.0 " + "Tizen" * 12_000
