@@ -16,7 +16,7 @@ Each admitted connection is then served by hypercorn's own ``TCPServer`` (HTTP/1
 h11; HTTP/2 cleartext only when ``server.http2_cleartext`` says so), and counted until it
 closes. Header and idle deadlines are hypercorn's (``keep_alive_timeout``: from the
 connection's start, or the end of its last response, to a request's last header); the
-body's deadline is the application's (see ``ingest.Ingest._body``).
+body's deadline is the application's (``request.read_body`` and ``BodyBounds``).
 """
 
 from __future__ import annotations
@@ -49,8 +49,6 @@ from evactors.service.supervisor import StartupError
 log = logging.getLogger("evactors.http")
 
 _ACCEPT_CAPACITY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-
-
 _PROTOCOL_ERRORS = {
     400: ("bad_request", "the request is not valid HTTP/1.1"),
     408: ("request_timeout", "the request took too long"),
