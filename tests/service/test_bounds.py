@@ -309,3 +309,18 @@ def test_headers_far_over_64_kb_get_431_with_a_json_error(service: Service) -> N
                    headers={"x-junk": "j" * 200_000})
     assert r.status_code == 431 and r.json()["error"] == "headers_too_large", r.text
     assert service.batch([message("track", event="After huge headers")]).status_code == 200
+
+
+def test_clients_that_hang_up_mid_body_never_bring_the_service_down(service: Service) -> None:
+    # hypercorn answers the broken request (400) while closing the connection from another
+    # task: two senders on one socket, BusyResourceError, and the listener's nursery ended
+    for _ in range(40):
+        sock = _connect(service)
+        sock.sendall(b"POST /v1/batch HTTP/1.1\r\nHost: x\r\nAuthorization: " + _basic("key-a").encode()
+                     + b"\r\nContent-Length: 90000\r\n\r\n{")
+        time.sleep(0.02)
+        sock.close()
+    time.sleep(0.5)
+    assert service.proc is not None and service.proc.poll() is None
+    assert "Traceback" not in service.log()
+    assert service.batch([message("track", event="After hang-ups")]).status_code == 200

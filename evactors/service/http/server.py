@@ -100,9 +100,13 @@ class _Counted(trio.abc.HalfCloseableStream):
         self.stream = stream
         self.socket = stream.socket  # hypercorn reads the peer's address from it
         self._release: Callable[[], None] | None = release
+        # hypercorn may close (send_eof) from one task while another still writes a reply:
+        # trio refuses two senders at once (BusyResourceError), so they take turns
+        self._sending = trio.StrictFIFOLock()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.stream.send_all(data)
+        async with self._sending:
+            await self.stream.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.stream.wait_send_all_might_not_block()
@@ -111,7 +115,8 @@ class _Counted(trio.abc.HalfCloseableStream):
         return await self.stream.receive_some(max_bytes)
 
     async def send_eof(self) -> None:
-        await self.stream.send_eof()
+        async with self._sending:
+            await self.stream.send_eof()
 
     async def aclose(self) -> None:
         try:
@@ -194,6 +199,8 @@ class Listener:
     async def _handle(self, stream: _Counted) -> None:
         try:
             await _Server(self.app, self.hconfig, self.context, ConnectionState({}), stream)  # type: ignore[arg-type]
+        except Exception:  # one connection's fault must not end the listener (and the service)
+            log.exception("HTTP connection failed")
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
