@@ -13,7 +13,7 @@ import httpx
 import pytest
 import redis
 
-from conftest import Sender, Service, message, record_fault_result, run_cli
+from conftest import Sender, Service, StallProbe, message, record_fault_result, record_hostile_result, rss_mb, run_cli
 
 
 def _valkey(service: Service) -> redis.Redis:
@@ -115,7 +115,9 @@ def test_a_full_redis_answers_503_and_once_freed_has_lost_and_doubled_nothing(ma
     for batch in retried:
         assert service.batch(batch).status_code == 200
     service.query("DETACH TABLE evactors.events")
-    with Sender(service, threads=3, batch=40, properties={"pad": "p" * 600}) as sender:
+    assert service.proc is not None
+    rss_before = rss_mb(service.proc.pid)
+    with StallProbe(service) as probe, Sender(service, threads=3, batch=40, properties={"pad": "p" * 600}) as sender:
         deadline = time.monotonic() + 90
         while sender.refused < 30 or "OOM" not in service.log():
             assert time.monotonic() < deadline, (sender.refused, len(sender.acked), service.log()[-3000:])
@@ -138,6 +140,11 @@ def test_a_full_redis_answers_503_and_once_freed_has_lost_and_doubled_nothing(ma
     acked = sender.acked | {m["messageId"] for batch in retried for m in batch}
     stored = _stored_ids(service, acked)
     result = record_fault_result("Redis full (OOM), then memory freed", 1, acked, stored)
+    other_5xx = [m for m in re.finditer(r'evactors_http_requests_total\{endpoint="\w+",status="(5\d\d)"\} (\S+)',
+                                        service.metrics()) if m.group(1) != "503"]
+    record_hostile_result("full Redis (12 MB maxmemory; events attempted)", len(sender.attempted),
+                          int(sum(float(m.group(2)) for m in other_5xx)), probe.worst, rss_before,
+                          rss_mb(service.proc.pid), acked, stored)
     where: dict[str, object] = {}
     if result["lost"]:  # where the missing ones are: still in a stream, or gone
         v = _valkey(service)
