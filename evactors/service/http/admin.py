@@ -31,7 +31,18 @@ from evactors.ops import metrics
 from evactors.pipeline.durable_log import DurableLog
 from evactors.pipeline.inflight import InFlight
 from evactors.service.credentials import AdminToken, WriteKeys
-from evactors.service.http.request import JSON, Receive, Reply, Scope, Send, encode, header, json_reply, read_body
+from evactors.service.http.request import (
+    JSON,
+    Receive,
+    Reply,
+    Scope,
+    Send,
+    encode,
+    header,
+    json_reply,
+    lifespan,
+    read_body,
+)
 from evactors.service.supervisor import StartupError
 from evactors.store.clickhouse import ClickHouse
 from evactors.store.paths import DataDir
@@ -140,15 +151,8 @@ class AdminApp:
         self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
         if scope["type"] != "http":
+            await lifespan(scope, receive, send)
             return
         path, method = scope["path"], scope["method"]
         try:

@@ -21,7 +21,7 @@ from evactors.service.http.cors import Cors
 from evactors.service.http.health import Health
 from evactors.service.http.live import LiveRoutes
 from evactors.service.http.protocols import KINDS, OtherApis, route
-from evactors.service.http.request import JSON, Headers, Receive, Scope, Send, encode, has_body, header
+from evactors.service.http.request import JSON, Headers, Receive, Scope, Send, encode, has_body, header, lifespan
 from evactors.service.http.segment_api import SegmentApi
 
 log = logging.getLogger("evactors.ingest")
@@ -40,15 +40,8 @@ class App:
         self.retry_after = retry_after
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
         if scope["type"] != "http":
+            await lifespan(scope, receive, send)
             return
         started = time.perf_counter()
         path, method = scope["path"], scope["method"]

@@ -40,6 +40,19 @@ def has_body(scope: Scope) -> bool:
     return (length.isdigit() and int(length) > 0) or bool(header(scope, b"transfer-encoding"))
 
 
+async def lifespan(scope: Scope, receive: Receive, send: Send) -> None:
+    """ASGI's lifespan protocol, which our apps have nothing to do in: acknowledged."""
+    if scope["type"] != "lifespan":
+        return
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
 def json_reply(status: int, payload: Any) -> Reply:
     return status, list(JSON), encode(payload)
 
