@@ -172,7 +172,7 @@ def _ms(dt: datetime) -> int:
 
 
 def _text(value: str | int | None) -> str:
-    return "" if value is None else str(value)
+    return value if type(value) is str else "" if value is None else str(value)
 
 
 def corrected_timestamp(msg: Message, batch_sent_at: datetime | None, received_ms: int) -> int:
@@ -185,9 +185,9 @@ def corrected_timestamp(msg: Message, batch_sent_at: datetime | None, received_m
     return received_ms
 
 
-def _validate(msg: Message, kind: str) -> tuple[str, str] | None:
+def _validate(msg: Message, kind: str, anonymous_id: str, user_id: str,
+              message_id: str) -> tuple[str, str] | None:
     """The rules Segment enforces per type: (field, error) of the first broken one."""
-    anonymous_id, user_id = _text(msg.anonymousId), _text(msg.userId)
     if kind == "alias":
         if not user_id:
             return "userId", "alias requires userId"
@@ -199,10 +199,14 @@ def _validate(msg: Message, kind: str) -> tuple[str, str] | None:
         return "event", "track requires a non-empty event name"
     if kind == "group" and not _text(msg.groupId):
         return "groupId", "group requires groupId"
-    for name in ("anonymousId", "userId", "messageId"):
-        if len(_text(getattr(msg, name))) > 512:
-            return name, "longer than 512 characters"
+    if len(anonymous_id) > 512 or len(user_id) > 512 or len(message_id) > 512:
+        name = next(n for n, v in (("anonymousId", anonymous_id), ("userId", user_id),
+                                   ("messageId", message_id)) if len(v) > 512)
+        return name, "longer than 512 characters"
     return None
+
+
+_NO_CONTEXT = Context()
 
 
 _ID_NS = uuid.UUID("3d0c8f4e-8a8f-4b5e-b0a5-5f8d2c1e9b77")
@@ -233,8 +237,10 @@ def derived_message_id(project_id: str, raw: bytes, index: int) -> str:
 
 
 def to_incoming(msg: Message, kind: str, project_id: str, peer: Peer,
-                batch_sent_at: datetime | None, fallback_id: str) -> Incoming:
-    context = msg.context or Context()
+                batch_sent_at: datetime | None, message_id: str, anonymous_id: str,
+                user_id: str) -> Incoming:
+    """``message_id``: the message's, or the one derived for it; the ids already as text."""
+    context = msg.context or _NO_CONTEXT
     ip, user_agent = context.ip or peer.ip, (context.userAgent or peer.user_agent)[:peer.max_user_agent]
     traits = msg.traits or {}
     if kind == "identify" and context.traits:  # RudderStack: identify's traits live here
@@ -247,9 +253,9 @@ def to_incoming(msg: Message, kind: str, project_id: str, peer: Peer,
     return Incoming(
         project_id=project_id,
         type=kind,
-        message_id=_text(msg.messageId) or fallback_id,
-        anonymous_id=_text(msg.anonymousId),
-        user_id=_text(msg.userId),
+        message_id=message_id,
+        anonymous_id=anonymous_id,
+        user_id=user_id,
         name=(msg.event if kind == "track" else msg.name) or "",
         properties=properties,
         traits=traits,
@@ -289,25 +295,26 @@ def accept(msg: Message, raw: bytes, index: int, kind: str | None, project_id: s
     protocol ends here: PostHog's and OpenPanel's adapters build a ``Message`` and call
     this, so their events are Segment messages from here on. ``raw``: the bytes a missing
     messageId is derived from."""
+    message_id = _text(msg.messageId)
     if msg.writeKey and peer.write_key and msg.writeKey != peer.write_key:
-        out.rejected.append(Rejected(index, _text(msg.messageId) or None, "writeKey",
+        out.rejected.append(Rejected(index, message_id or None, "writeKey",
                                      "the message's writeKey differs from the request's"))
         return
-    if not msg.anonymousId and peer.anonymous_id:
-        msg = msgspec.structs.replace(msg, anonymousId=peer.anonymous_id)
+    anonymous_id = _text(msg.anonymousId) if msg.anonymousId or not peer.anonymous_id else peer.anonymous_id
+    user_id = _text(msg.userId)
     message_kind = kind or msg.type
     if message_kind not in TYPES:
-        out.rejected.append(Rejected(index, _text(msg.messageId) or None, "type",
+        out.rejected.append(Rejected(index, message_id or None, "type",
                                      f"type must be one of {', '.join(TYPES)}; got {msg.type!r}"))
         return
-    problem = _validate(msg, message_kind)
+    problem = _validate(msg, message_kind, anonymous_id, user_id, message_id)
     if problem is not None:
-        out.rejected.append(Rejected(index, _text(msg.messageId) or None, *problem))
+        out.rejected.append(Rejected(index, message_id or None, *problem))
         return
     # the derived id (a SHA-256 of the bytes) only when the sender gave none: computed for
     # every message, it dominated parsing (docs/benchmarks.md)
     event = to_incoming(msg, message_kind, project_id, peer, batch_sent_at,
-                        "" if _text(msg.messageId) else derived_message_id(project_id, raw, index))
+                        message_id or derived_message_id(project_id, raw, index), anonymous_id, user_id)
     if event.timestamp_ms < EARLIEST_MS:
         out.rejected.append(Rejected(index, event.message_id, "timestamp",
                                      "before 2000-01-01 (after clock-skew correction)"))
