@@ -1,7 +1,8 @@
 """Taking what is queued: an actor that has received one batch takes whatever else is
 already waiting in its inbox (without waiting for more), so one unit of work — one script
 call, one commit, one frame — serves all of it. Under load units grow by themselves; when
-idle each batch goes alone, with no added latency."""
+idle each batch goes alone, with no added latency. ``gather`` also lingers a little for
+more, for the stage where the unit's size sets the cost of everything after it."""
 
 from __future__ import annotations
 
@@ -26,4 +27,25 @@ def take_queued(inbox: trio.MemoryReceiveChannel[T], first: T, limit: int | None
             break
         taken.append(more)
         total += size(more)
+    return taken
+
+
+async def gather(inbox: trio.MemoryReceiveChannel[T], first: T, limit: int, linger: float,
+                 size: Callable[[T], int] = lambda _: 1) -> list[T]:
+    """``first`` and what else arrives within ``linger`` seconds, until ``limit`` (counted
+    by ``size``). A closed inbox ends the wait; its end stays for the caller's next
+    ``receive``. Cancel-safe: a receive interrupted by the deadline takes nothing."""
+    taken = take_queued(inbox, first, limit, size)
+    total = sum(size(t) for t in taken)
+    if total >= limit or linger <= 0:
+        return taken
+    with trio.move_on_after(linger):
+        while total < limit:
+            try:
+                more = await inbox.receive()
+            except trio.EndOfChannel:
+                break
+            for item in take_queued(inbox, more, limit - total, size):
+                taken.append(item)
+                total += size(item)
     return taken

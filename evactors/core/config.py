@@ -159,7 +159,10 @@ class GeoIPConfig(_Section):
 class PipelineConfig(_Section):
     """Processing: enrichment, sessions, dedup."""
 
-    enrichers: Annotated[int, Doc("Enricher tasks (bot filter, user agent, GeoIP, PII).")] = 2
+    enrichers: Annotated[int, Doc(
+        "Enricher tasks (bot filter, user agent, GeoIP, PII). They share one core; with more "
+        "than one, a visitor's requests may reach its session in another order than they "
+        "came (placed back in order within `lateness_seconds`).")] = 1
     session_shards: Annotated[int, Doc(
         "Session actors; each owns the (project, anonymous id) keys that hash to it. Recorded in "
         "Redis at first start: it cannot change while that data exists.")] = 4
@@ -168,6 +171,13 @@ class PipelineConfig(_Section):
         "sessionizing runs beside parsing and enrichment on another core. 0: in the service's "
         "own process. More workers than shards are not started.")] = 1
     channel_batches: Annotated[int, Doc("Capacity, in batches, of each channel between actors.")] = 8
+    unit_events: Annotated[int, Doc(
+        "Events an enricher gathers into one unit of work (from as many requests as are "
+        "waiting), so that what each unit costs downstream (frames, round trips, commits) is "
+        "shared by many events whatever the size of a request.")] = 2000
+    unit_linger_ms: Annotated[float, Doc(
+        "Milliseconds an enricher waits for more requests when a unit is not full. Adds at "
+        "most this to the time from acknowledgement to ClickHouse, never to the answer.")] = 5.0
     dedup_window_seconds: Annotated[int, Doc(
         "Window of deduplication on messageId, in seconds (Segment: 24 h).")] = 24 * 3600
     session_timeout_seconds: Annotated[int, Doc(
@@ -446,6 +456,8 @@ def validate(c: Config) -> None:
         ("pipeline.enrichers", c.pipeline.enrichers),
         ("pipeline.session_shards", c.pipeline.session_shards),
         ("pipeline.channel_batches", c.pipeline.channel_batches),
+        ("pipeline.unit_events", c.pipeline.unit_events),
+        ("pipeline.unit_linger_ms", c.pipeline.unit_linger_ms + 1),  # 0 is allowed
         ("pipeline.dedup_window_seconds", c.pipeline.dedup_window_seconds),
         ("pipeline.session_timeout_seconds", c.pipeline.session_timeout_seconds),
         ("pipeline.session_sweep_seconds", c.pipeline.session_sweep_seconds),

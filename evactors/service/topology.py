@@ -238,7 +238,8 @@ async def serve(config: Config, parts: Parts, ready: Callable[[dict[str, Any]], 
                     receipts = receipts_tx.clone()
                     actors.start_soon(functools.partial(
                         sup.supervise, f"enricher-{j}", enricher, enrich, pipe.session_shards,
-                        to_enrich_rx.clone(), outs, receipts, dead_letters, closes=(*outs, receipts)))
+                        to_enrich_rx.clone(), outs, receipts, dead_letters, pipe.unit_events,
+                        pipe.unit_linger_ms / 1000, closes=(*outs, receipts)))
                 for tx in shard_txs:
                     tx.close()
                 receipts_tx.close()
