@@ -77,13 +77,6 @@ class Parsed:
     rejected: list[Rejected] = field(default_factory=list)
     encoded: list[bytes] = field(default_factory=list)  # each event as msgpack, in order
 
-    def stored_form(self) -> bytes:
-        """The events as one msgpack array, from the per-event encodings (no second pass)."""
-        n = len(self.encoded)
-        header = (bytes([0x90 | n]) if n < 16 else b"\xdc" + n.to_bytes(2, "big") if n < 65536
-                  else b"\xdd" + n.to_bytes(4, "big"))
-        return header + b"".join(self.encoded)
-
 
 @dataclass(frozen=True)
 class Peer:

@@ -1,9 +1,13 @@
-"""The durable ingest log: a request's events become one entry of the ingest stream (with
-the backlog counter, atomically) before the request is answered ``200``.
+"""The durable ingest log: a request's events are in the ingest stream (with the backlog
+counter, atomically) before the request is answered ``200``, and then handed to the
+pipeline.
 
-Requests that arrive while a write is in flight are written together (group commit: one
-pipeline, one round trip, ``WAITAOF`` once at its end in ``strict`` durability), each still
-as its own entry and answered from its own command's reply.
+Group commit: requests that arrive while a write is in flight are written together by the
+next write, as **one** stream entry (one command, one round trip, ``WAITAOF`` once in
+``strict`` durability) and handed on as one batch with one receipt. What a stream entry,
+its acknowledgement and its bookkeeping cost is then paid per group, not per request:
+under a stream of one-event requests, per dozens of them. A write that fails fails the
+whole group: none of its requests is answered ``200``.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ from typing import Any
 
 import trio
 
-from evactors.core.messages import Receipt
+from evactors.core.messages import IngestBatch, Receipt
 from evactors.core.model import Incoming
+from evactors.pipeline.inflight import InFlight
 from evactors.store.keys import Keys
 from evactors.store.redis_io import RedisIO
 from evactors.store.scripts import APPEND
@@ -22,56 +27,69 @@ from evactors.store.scripts import APPEND
 log = logging.getLogger("evactors.ingest")
 
 
+def msgpack_array(items: list[bytes], count: int) -> bytes:
+    """A msgpack array of ``count`` items already encoded (joined, no second pass)."""
+    header = (bytes([0x90 | count]) if count < 16 else b"\xdc" + count.to_bytes(2, "big") if count < 65536
+              else b"\xdd" + count.to_bytes(4, "big"))
+    return header + b"".join(items)
+
+
 class _Append:
-    """One request's entry waiting in a group commit: its outcome, and its turn."""
+    """One request waiting in a group commit: its outcome, and its turn."""
 
-    __slots__ = ("blob", "done", "entry_id", "error", "events", "turn")
+    __slots__ = ("done", "encoded", "error", "events", "size", "turn")
 
-    def __init__(self, events: list[Incoming], blob: bytes) -> None:
-        self.events, self.blob = events, blob
-        self.turn = trio.Event()  # set when this entry's outcome is known, or it is to lead
+    def __init__(self, events: list[Incoming], encoded: list[bytes]) -> None:
+        self.events, self.encoded = events, encoded
+        self.size = sum(map(len, encoded))
+        self.turn = trio.Event()  # set when this request's outcome is known, or it is to lead
         self.done = False
-        self.entry_id = ""
         self.error: BaseException | None = None
 
 
 class DurableLog:
-    """Appends accepted events to the ingest stream; returns once Redis has them.
+    """Appends accepted events to the ingest stream, returns once Redis has them, and hands
+    them to the pipeline (``outbox``).
 
-    Group commit: requests that arrive while a write is in flight are written together
-    by the next one, in one pipeline (one thread hop, one round trip), each still as its
-    own stream entry, and each request is answered from its own command's reply. No
-    background task: the first waiting request leads the next group, so a group is never
-    left without a writer. Waiting is shielded like the thread call it replaces (which
-    could not be interrupted either): a leader is never lost to a cancelled request."""
+    No background task: the first waiting request leads the next group, so a group is never
+    left without a writer. The write is shielded like the thread call it replaces (which
+    could not be interrupted either): a leader is never lost to a cancelled request. The
+    leader then hands the group's batch on, outside the shield: a full pipeline slows the
+    answers of the requests that lead, and through them the rest. A batch that never makes
+    it (its leader cancelled) is durable and in flight: the replayer feeds it again."""
 
-    MAX_GROUP = 64  # requests (≤ 500 KB each) in one pipeline: bounded work per round trip
+    MAX_GROUP = 256  # requests in one entry
+    MAX_GROUP_BYTES = 1 << 20  # encoded events in one entry (a request alone may exceed it)
 
-    def __init__(self, redis: RedisIO, keys: Keys, wait_aof: bool) -> None:
+    def __init__(self, redis: RedisIO, keys: Keys, wait_aof: bool,
+                 outbox: trio.MemorySendChannel[IngestBatch], in_flight: InFlight) -> None:
         self.redis = redis
         self.keys = keys
         self.wait_aof = wait_aof
+        self.outbox = outbox
+        self.in_flight = in_flight
         self.script = APPEND
         self._queue: list[_Append] = []
         self._busy = False
 
-    async def append(self, events: list[Incoming], blob: bytes) -> Receipt:
-        """Store ``events`` (``blob``: their msgpack array) as one stream entry. In strict
-        mode WAITAOF ends the group's pipeline: on the same connection, so it waits for
-        *these* writes (WAITAOF waits for the writes of its own connection)."""
-        item = _Append(events, blob)
+    async def append(self, events: list[Incoming], encoded: list[bytes]) -> None:
+        """Store ``events`` (``encoded``: each one's msgpack) durably, then hand them on.
+        Raises (and hands nothing on) when Redis did not take them. In strict mode WAITAOF
+        follows the write on the same connection, so it waits for *this* write."""
+        item = _Append(events, encoded)
         self._queue.append(item)
+        batch: IngestBatch | None = None
         with trio.CancelScope(shield=True):
             if self._busy:
                 await item.turn.wait()  # a result, or the lead of the next group
             if not item.done:
                 self._busy = True
-                group, self._queue = self._queue[:self.MAX_GROUP], self._queue[self.MAX_GROUP:]
+                group = self._take_group()
                 try:
-                    await self._write(group)
+                    batch = await self._write(group)
                 finally:
                     for waiting in group:
-                        if not waiting.entry_id and waiting.error is None:  # never a 200 unwritten
+                        if batch is None and waiting.error is None:  # never a 200 unwritten
                             waiting.error = TimeoutError("the group commit was interrupted")
                         waiting.done = True
                         waiting.turn.set()
@@ -81,33 +99,40 @@ class DurableLog:
                         self._busy = False
         if item.error is not None:
             raise item.error
-        return Receipt(item.entry_id, len(events))
+        if batch is not None:
+            await self.outbox.send(batch)
 
-    async def _write(self, group: list[_Append]) -> None:
-        """One pipeline for the group; every entry gets its own id or error. An EVALSHA
-        refused with NOSCRIPT (a restarted Redis) ran nothing: those are written again."""
-        keys = [self.keys.ingest, self.keys.ingest_count]
-        calls = [(keys, [len(item.events), item.blob]) for item in group]
+    def _take_group(self) -> list[_Append]:
+        size, n = 0, 0
+        for n, waiting in enumerate(self._queue[:self.MAX_GROUP], 1):
+            size += waiting.size
+            if size > self.MAX_GROUP_BYTES and n > 1:
+                n -= 1
+                break
+        group, self._queue = self._queue[:n], self._queue[n:]
+        return group
+
+    async def _write(self, group: list[_Append]) -> IngestBatch | None:
+        """One entry for the group; the batch to hand on, or None (each item has the error).
+        An EVALSHA refused with NOSCRIPT (a restarted Redis) ran nothing: written again."""
+        events = [e for item in group for e in item.events]
+        blob = msgpack_array([b for item in group for b in item.encoded], len(events))
         extra = [["WAITAOF", 1, 0, 5000]] if self.wait_aof else []
-
-        async def go() -> list[Any]:
-            replies = await self.redis.scripts(self.script, calls, extra, wait=True)
+        try:
+            replies: list[Any] = await self.redis.scripts(
+                self.script, [([self.keys.ingest, self.keys.ingest_count], [len(events), blob])], extra, wait=True)
             if self.wait_aof:
                 fsynced = replies.pop()
                 if isinstance(fsynced, Exception):
                     raise fsynced
                 if int(fsynced[0]) < 1:
                     raise TimeoutError("redis did not fsync the events in time (WAITAOF)")
-            return replies
-
-        try:
-            replies = await go()
-        except Exception as e:  # the connection, or no fsync: none of the group is answered 200
+            if isinstance(replies[0], Exception):
+                raise replies[0]
+        except Exception as e:  # the connection, a refusal, no fsync: none of the group is answered 200
             for item in group:
                 item.error = e
-            return
-        for item, reply in zip(group, replies, strict=True):
-            if isinstance(reply, Exception):
-                item.error = reply
-            else:
-                item.entry_id = reply.decode()
+            return None
+        entry_id = replies[0].decode()
+        self.in_flight.add([entry_id])
+        return IngestBatch([Receipt(entry_id, len(events))], events)

@@ -146,17 +146,16 @@ async def serve(config: Config, parts: Parts, ready: Callable[[dict[str, Any]], 
     hub = LiveHub(redis.url, keys, config.server.live_viewers, config.server.live_viewers_per_project)
     memory = Memory(config.server.high_water_bytes)
     dead_letters = DeadLetters(redis, keys)
-    durable = DurableLog(redis, keys, parts.wait_aof)
     http_to_enrich = to_enrich_tx.clone()  # closed when the HTTP API stops
+    durable = DurableLog(redis, keys, parts.wait_aof, http_to_enrich, in_flight)
     server = config.server
 
     def projects(c: Config) -> set[str]:  # every project a key or client names (CORS)
         return set(write_keys.projects()) | set(c.openpanel.clients.values())
 
     cors, clients = Cors(config.cors, projects(config)), Clients(config.openpanel)
-    segment_api = SegmentApi(server, write_keys, durable, http_to_enrich, backlog, in_flight, cors, memory,
-                             config.limits)
-    admin = AdminRoutes(parts.admin, status, clickhouse, write_keys, durable, http_to_enrich, in_flight,
+    segment_api = SegmentApi(server, write_keys, durable, backlog, cors, memory, config.limits)
+    admin = AdminRoutes(parts.admin, status, clickhouse, write_keys, durable, in_flight,
                         server.retry_after_seconds)
     app = App(
         segment_api,

@@ -24,7 +24,6 @@ import msgspec
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from evactors.core.messages import IngestBatch
 from evactors.core.model import Context, Incoming
 from evactors.core.segment import RequestError
 from evactors.ops import metrics
@@ -48,6 +47,9 @@ from evactors.store.clickhouse import ClickHouse
 from evactors.store.paths import DataDir
 from evactors.store.readonly_query import ReadOnlyQuery
 
+_encode = msgspec.msgpack.Encoder().encode
+
+
 log = logging.getLogger("evactors.admin")
 
 TEST_WRITES = "EVACTORS_TEST_ADMIN_WRITES"  # test hook: /admin/execute runs any statement
@@ -61,14 +63,12 @@ class RemapRequest(msgspec.Struct):
 class AdminRoutes:
     def __init__(self, token: AdminToken, status: Callable[[], Awaitable[dict[str, Any]]] | None,
                  clickhouse: ClickHouse | None, write_keys: WriteKeys, durable: DurableLog,
-                 outbox: trio.MemorySendChannel[IngestBatch], in_flight: InFlight,
-                 retry_after: int) -> None:
+                 in_flight: InFlight, retry_after: int) -> None:
         self.token = token
         self.status = status
         self.clickhouse = clickhouse
         self.write_keys = write_keys
         self.durable = durable
-        self.outbox = outbox
         self.in_flight = in_flight
         self.retry_after = retry_after
         self.reader = ReadOnlyQuery(clickhouse) if clickhouse is not None else None
@@ -122,9 +122,7 @@ class AdminRoutes:
         for i in range(0, len(pairs), 1000):
             events = [Incoming(request.project, "remap", f"remap\x00{old}\x00{new}", new, "", "", {}, {},
                                Context(), now, now, "", "", old, "") for old, new in pairs[i:i + 1000]]
-            receipt = await self.durable.append(events, msgspec.msgpack.encode(events))
-            self.in_flight.add([receipt.entry_id])
-            await self.outbox.send(IngestBatch([receipt], events))
+            await self.durable.append(events, [_encode(e) for e in events])
         return {"success": True, "remapped": len(pairs), "skipped": len(request.pairs) - len(pairs)}
 
     async def _settle(self, timeout: float = 60.0) -> None:

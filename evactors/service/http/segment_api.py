@@ -1,9 +1,10 @@
 """Segment's HTTP Tracking API (``/v1/track`` … ``/v1/batch``): the front door of the
 pipeline.
 
-A request is answered ``200`` only after its events are durable in Redis: one entry of the
-ingest stream per request (``DurableLog``). The events then go to the enricher pool over a
-bounded channel, so a slow pipeline slows the answers instead of piling up memory. Past the
+A request is answered ``200`` only after its events are durable in Redis, in the ingest
+stream (``DurableLog``, which writes the requests that arrive together as one entry). The
+events then go to the enricher pool over a bounded channel, so a slow pipeline slows the
+answers instead of piling up memory. Past the
 backlog high-water mark, or with Redis away, the answer is ``503`` with ``Retry-After``:
 nothing is accepted that cannot be kept.
 """
@@ -17,18 +18,15 @@ import time
 from typing import Any
 
 import redis
-import trio
 
 from evactors.core.config import CorsConfig, LimitsConfig, ServerConfig
 from evactors.core.limits import TokenBuckets, retry_after
-from evactors.core.messages import IngestBatch
 from evactors.core.model import Incoming
 from evactors.core.segment import Parsed, Peer, RequestError, body_write_key, decompress, parse
 from evactors.enrichment.bots import header_describes_sender
 from evactors.ops import metrics
 from evactors.pipeline.backlog import Backlog
 from evactors.pipeline.durable_log import DurableLog
-from evactors.pipeline.inflight import InFlight
 from evactors.service.credentials import WriteKeys
 from evactors.service.http.cors import Cors
 from evactors.service.http.request import BodyBounds, ClientAddress, Receive, Scope, header, read_body
@@ -55,8 +53,7 @@ class SegmentApi:
     """Accepts a request's events: authenticate, parse, make durable, hand to the pipeline."""
 
     def __init__(self, limits: ServerConfig, write_keys: WriteKeys, durable: DurableLog,
-                 outbox: trio.MemorySendChannel[IngestBatch], backlog: Backlog,
-                 in_flight: InFlight, cors: Cors | None = None, memory: Memory | None = None,
+                 backlog: Backlog, cors: Cors | None = None, memory: Memory | None = None,
                  bounds: LimitsConfig | None = None) -> None:
         self.memory = memory  # Redis's memory, read each second (pipeline.memory_watch)
         self.limits = limits
@@ -67,9 +64,7 @@ class SegmentApi:
         self.bodies = BodyBounds(bounds, limits.retry_after_seconds)
         self.write_keys = write_keys
         self.durable = durable
-        self.outbox = outbox
         self.backlog = backlog
-        self.in_flight = in_flight
         self.client_address = ClientAddress(limits.trusted_proxies)
 
     async def track(self, kind: str, scope: Scope,
@@ -121,15 +116,13 @@ class SegmentApi:
         if parsed.events:
             self._rate_limit(project, parsed.events)
             try:
-                receipt = await self.durable.append(parsed.events, parsed.stored_form())
+                await self.durable.append(parsed.events, parsed.encoded)
             except (*TRANSIENT, TimeoutError, redis.ResponseError) as e:  # OOM, MISCONF, READONLY…
                 log.warning("cannot store events, answering 503: %s", e)
                 metrics.EVENTS_REJECTED.labels("redis_unavailable").inc(len(parsed.events))
                 raise RequestError(503, "storage_unavailable",
                                    "events cannot be stored durably right now; retry later") from None
             metrics.EVENTS_ACCEPTED.labels(project).inc(len(parsed.events))
-            self.in_flight.add([receipt.entry_id])
-            await self.outbox.send(IngestBatch([receipt], parsed.events))
         if parsed.rejected:
             return {
                 "success": False, "error": "invalid_events",
