@@ -132,7 +132,7 @@ async def serve(config: Config, parts: Parts, ready: Callable[[dict[str, Any]], 
     await backlog.exact()
     enrich = Enricher(pipe, parts.geoip, UserAgentParser(pipe.ua_cache_size), BotDetector(pipe.ua_cache_size),
                       max_user_agent=config.limits.max_user_agent_length)
-    flush = Flusher(redis, keys, clickhouse, pipe.session_shards, config.flush.chunk_rows)
+    flush = Flusher(redis, keys, clickhouse, pipe.session_shards, config.flush.chunk_rows, config.flush.min_rows)
 
     def depths() -> dict[str, int]:
         out = {"to-enrich": to_enrich_rx.statistics().current_buffer_used,

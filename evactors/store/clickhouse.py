@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -323,6 +324,49 @@ INSERT_SETTINGS: dict[str, int] = {
 }
 
 
+# The embedded engine's inserts: rows as JSONCompactEachRow (msgspec encodes a row in ~1 µs;
+# clickhouse-connect's Native encoder took ~12 µs per events row in Python, the GIL held),
+# read by the engine from a file with ``file()`` and converted in C++. Times travel as
+# integer milliseconds (a JSON integer would be read as seconds), coordinates as Float64 cast
+# to Float32 by the engine as clickhouse-connect did, so stored values are identical.
+# docs/benchmarks.md: "Inserts: JSON through file()".
+_JSON_SLICE = 2_000
+_encode_json = msgspec.json.Encoder().encode
+JSON_READ_SETTINGS: dict[str, int] = {
+    "input_format_parallel_parsing": 0,  # one reader: the same blocks (and tokens) on a retry
+    "max_threads": 1,
+}
+
+
+def _insert_json_sql(table: str, types: dict[str, str]) -> str:
+    read, select = [], []
+    for name, typ in types.items():
+        if typ.startswith("DateTime64(3"):
+            read.append(f"{name} Int64")
+            select.append(f"fromUnixTimestamp64Milli({name}, 'UTC')")
+        elif typ == "Nullable(Float32)":
+            read.append(f"{name} Nullable(Float64)")
+            select.append(name)
+        else:
+            read.append(f"{name} {'String' if typ == 'LowCardinality(String)' else typ}")
+            select.append(name)
+    structure = ", ".join(read)
+    return (f"INSERT INTO {{db}}.{table} ({', '.join(types)}) SETTINGS {{settings}} "
+            f"SELECT {', '.join(select)} "
+            f"FROM file('{{path}}', JSONCompactEachRow, '{structure}')")
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+INSERT_JSON: dict[str, str] = {
+    table: _insert_json_sql(table, types)
+    for table, types in (("events", _EVENT_TYPES), ("sessions", _SESSION_TYPES),
+                         ("profiles", _PROFILE_TYPES), ("events_bots", _BOT_TYPES))
+}
+
+
 def embedded_dsn(data_dir: Path) -> str:
     return f"chdb://{DataDir(data_dir).clickhouse.resolve()}"
 
@@ -433,6 +477,32 @@ class ClickHouse:
             self.client = None
 
     def insert_sync(self, table: str, rows: Sequence[msgspec.Struct], token: str) -> None:
+        started = time.perf_counter()
+        if self.dsn.startswith("chdb://"):
+            self._insert_json(table, rows, token)
+        else:
+            self._insert_native(table, rows, token)
+        log.debug("inserted %d rows into %s in %.1f ms", len(rows), table,
+                  (time.perf_counter() - started) * 1000)
+
+    def _insert_json(self, table: str, rows: Sequence[msgspec.Struct], token: str) -> None:
+        """The rows as JSONCompactEachRow, encoded by msgspec a slice at a time (each call
+        lets go of the GIL between slices) into a file the engine reads and converts in C++."""
+        with tempfile.NamedTemporaryFile(prefix="evactors-insert-", suffix=".json") as f:
+            for i in range(0, len(rows), _JSON_SLICE):
+                if i:
+                    f.write(b",")
+                f.write(_encode_json(rows[i:i + _JSON_SLICE])[1:-1])
+            f.flush()
+            # settings inline: as ``command`` settings, chDB's client would SET and restore
+            # each one around the insert (a dozen more queries)
+            settings = {"insert_deduplication_token": token, **INSERT_SETTINGS, **JSON_READ_SETTINGS}
+            clause = ", ".join(f"{k} = {_quote(v) if isinstance(v, str) else v}" for k, v in settings.items())
+            self.client.command(INSERT_JSON[table].format(db=self.database, path=_quote(f.name)[1:-1],
+                                                          settings=clause))
+
+    def _insert_native(self, table: str, rows: Sequence[msgspec.Struct], token: str) -> None:
+        """clickhouse-connect's Native format (a ClickHouse server over HTTP)."""
         _struct, columns = TABLES[table]
         # Transposed a slice at a time: a slice's row tuples die (by refcount) before the
         # collector sees them. ``zip(*all_rows)`` kept a whole chunk's alive at once, which the
@@ -442,14 +512,11 @@ class ClickHouse:
             part = zip(*(msgspec.structs.astuple(r) for r in rows[i:i + 256]), strict=False)
             for column, values in zip(data, part, strict=False):
                 column.extend(values)
-        started = time.perf_counter()
         self.client.insert(
             table, data, column_names=columns, column_type_names=INSERT_TYPES[table],
             database=self.database, column_oriented=True,
             settings={"insert_deduplication_token": token, **INSERT_SETTINGS},
         )
-        log.debug("inserted %d rows into %s in %.1f ms", len(rows), table,
-                  (time.perf_counter() - started) * 1000)
 
     async def insert(self, table: str, rows: Sequence[msgspec.Struct], token: str) -> None:
         with trio.fail_after(self.timeout):

@@ -24,6 +24,7 @@ class Keys:
         self.buffer_size_cached = f"{prefix}:bufsize"
         self.dead_letter = f"{prefix}:dead"  # stream: what could not be processed, with why
         self.meta = f"{prefix}:meta"  # hash: facts the stored data depends on (shard count)
+        self.flush_plan_all = f"{prefix}:flush"  # the flush being carried out, over all shards
 
     def shard(self, shard: int) -> str:
         return f"{self.prefix}:{{s{shard}}}"
@@ -35,7 +36,7 @@ class Keys:
         return f"{self.shard(shard)}:buf:n"
 
     def flush_plan(self, shard: int) -> str:
-        return f"{self.shard(shard)}:flush"  # the range being inserted right now
+        return f"{self.shard(shard)}:flush"  # a shard's own plan, as earlier versions made them
 
     def session_index(self, shard: int) -> str:
         return f"{self.shard(shard)}:idx"  # zset: open session → last activity (wall ms)

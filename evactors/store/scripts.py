@@ -65,31 +65,9 @@ return rows
 """)
 
 
-# KEYS: last-view keys. ARGV: ttl, then per key the view's created_at and its JSON. Each is
-# kept unless the stored view is newer. One call per batch of notices, however many views.
-SET_LAST_VIEWS = Script("""
-local written = 0
-for i = 1, #KEYS do
-  local at = tonumber(ARGV[2 * i])
-  local old = redis.call('GET', KEYS[i])
-  local newer = false
-  if old then
-    local ok, view = pcall(cjson.decode, old)
-    newer = ok and type(view) == 'table' and tonumber(view.created_at) ~= nil
-            and tonumber(view.created_at) > at
-  end
-  if not newer then
-    redis.call('SET', KEYS[i], ARGV[2 * i + 1], 'EX', ARGV[1])
-    written = written + 1
-  end
-end
-return written
-""")
-
-
 # KEYS: stream, counter[, flush plan]. ARGV: the plan carried out (or ""), id1, n1, id2, n2, …
-# Used by the acker (no plan) and the flusher, which drops its plan only if it is still the
-# one it carried out (another flusher may already have recorded the next).
+# Used by the acker and the flusher (no plan), and for a shard's own plan left by a version
+# before the flush plan over all shards, dropped only if it is still the one carried out.
 # allow-oom: it frees memory, so it must run when Redis is full; without the flag a full
 # Redis would run its XDELs and refuse its DECRBY (a script is not rolled back).
 REMOVE_ENTRIES = Script("""#!lua flags=allow-oom
@@ -105,26 +83,64 @@ return removed
 """)
 
 
-# KEYS: plan key, buffer stream. ARGV: most entries to read, rows per chunk.
-# The recorded plan ("first last"), or a new one over the oldest entries, recorded here.
-# allow-oom: flushing is what frees a full Redis, so it must be able to start then.
+# KEYS: a buffer stream. ARGV: most entries, most rows. The ids and row counts ("n") of its
+# oldest entries, flat (id1, n1, id2, n2, …), until the rows reach the most: what a flush plan
+# may cover. Read in small pages, so a long buffer is not read whole. Read-only: it runs on
+# a full Redis, as flushing is what frees it.
+HEADS = Script("""#!lua flags=no-writes
+local out, rows, after = {}, 0, '-'
+local most_entries, most_rows = tonumber(ARGV[1]), tonumber(ARGV[2])
+while #out < 2 * most_entries and rows < most_rows do
+  local page = redis.call('XRANGE', KEYS[1], after, '+', 'COUNT', 32)
+  if #page == 0 then break end
+  for _, entry in ipairs(page) do
+    local fields, n = entry[2], 0
+    for j = 1, #fields, 2 do
+      if fields[j] == 'n' then n = tonumber(fields[j + 1]) end
+    end
+    out[#out + 1] = entry[1]
+    out[#out + 1] = n
+    rows = rows + n
+    after = '(' .. entry[1]
+    if rows >= most_rows or #out >= 2 * most_entries then break end
+  end
+  if #page < 32 then break end
+end
+return out
+""")
+
+
+# KEYS: the flush plan key. ARGV: a plan. The recorded plan, or this one, recorded now:
+# there is only ever one plan, whoever flushes. allow-oom: flushing frees a full Redis.
 PLAN = Script("""#!lua flags=allow-oom
 local plan = redis.call('GET', KEYS[1])
 if plan then return plan end
-local entries = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', tonumber(ARGV[1]))
-if #entries == 0 then return false end
-local rows, last = 0, entries[1][1]
-for _, entry in ipairs(entries) do
-  local fields = entry[2]
-  for j = 1, #fields, 2 do
-    if fields[j] == 'n' then rows = rows + tonumber(fields[j + 1]) end
-  end
-  last = entry[1]
-  if rows >= tonumber(ARGV[2]) then break end
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]
+""")
+
+
+# KEYS: the flush plan key. ARGV: the plan carried out. Its inserts are done: a flusher that
+# takes the plan over from now on only deletes its entries. Nothing if another plan is
+# recorded (this one was finished meanwhile).
+PLAN_INSERTED = Script("""#!lua flags=allow-oom
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], 'inserted ' .. ARGV[1])
+  return 1
 end
-plan = entries[1][1] .. ' ' .. last
-redis.call('SET', KEYS[1], plan)
-return plan
+return 0
+""")
+
+
+# KEYS: the flush plan key. ARGV: the plan carried out. Dropped once its entries are deleted,
+# if it is still the one recorded (a late flusher never drops the next plan).
+PLAN_DONE = Script("""#!lua flags=allow-oom
+local plan = redis.call('GET', KEYS[1])
+if plan == ARGV[1] or plan == 'inserted ' .. ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
 """)
 
 

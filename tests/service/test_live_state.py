@@ -171,12 +171,15 @@ async def test_the_last_screen_view_is_the_newest_and_held_views_count(valkey: A
         return None if view is None else f"{view['path']} {view['duration']}"
 
     await pub.publish([Notice("event:received", [], held=[pricing])])
+    await pub.write_live()  # the live keys: gathered, written once a second by its actor
     assert live_visitors(redis_io.client, keys, "p") == 1  # seen now (wall clock), whatever its event time
     assert last_path() == "/pricing 0"
     await pub.publish([Notice("event:received", [late])])
+    await pub.write_live()  # the live keys: gathered, written once a second by its actor
     assert last_path() == "/pricing 0"
     pricing.duration = 45_000
     await pub.publish([Notice("event:received", [pricing])])
+    await pub.write_live()  # the live keys: gathered, written once a second by its actor
     assert last_path() == "/pricing 45000"
     assert LAST_SCREEN_VIEW_TTL - 5 < redis_io.client.ttl(keys.last_screen_view("p", "ann")) <= LAST_SCREEN_VIEW_TTL
     published: list[str] = []
