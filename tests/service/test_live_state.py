@@ -11,6 +11,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 import pytest
 import redis
 
@@ -187,4 +188,41 @@ async def test_the_last_screen_view_is_the_newest_and_held_views_count(valkey: A
         if m["type"] == "message":
             published += [row[0] for row in json.loads(m["data"])["rows"]]  # the id column
     assert published == [late.id, pricing.id]  # the held view went out only once saved
+    redis_io.close()
+
+
+async def test_live_keys_are_written_at_most_once_a_second_with_plain_commands(valkey: Any) -> None:
+    """On a real Valkey: views of 40 visitors arriving over 2 s are gathered and written in
+    at most one round of plain commands a second (the first at once), no Lua; then every
+    visitor is live and every last view readable."""
+    import itertools
+
+    import trio
+
+    redis_io = RedisIO(f"unix://{valkey.unix_socket_path}", 5)
+    keys = Keys("t")
+    pub = Publisher(redis_io, keys)
+    enricher = Enricher(PipelineConfig(), GeoIP(None, 10), UserAgentParser(10), BotDetector(10))
+
+    def calls(command: str) -> int:
+        return int(redis_io.client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+    writes = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pub.keep_live)
+        for i in range(40):
+            view = msgspec.structs.replace(_view(enricher, T0 + i, f"/p{i}"), profile_id=f"v{i}")
+            await pub.publish([Notice("event:received", [view])])
+            await trio.sleep(0.05)
+            writes.append(calls("zadd"))
+        await trio.sleep(1.1)
+        nursery.cancel_scope.cancel()
+    assert writes[0] == 1  # the first at once (within 50 ms)
+    assert 2 <= calls("zadd") <= 4  # ~2.2 s of arrivals: once a second
+    assert all(b - a <= 1 for a, b in itertools.pairwise(writes))
+    assert calls("evalsha") == calls("eval") == 0
+    assert live_visitors(redis_io.client, keys, "p") == 40
+    for i in range(40):
+        view = last_screen_view(redis_io.client, keys, "p", f"v{i}")
+        assert view is not None and view["path"] == f"/p{i}" and view["created_at"] == T0 + i
     redis_io.close()
