@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import subprocess
 import time
 from typing import Any
@@ -62,5 +63,6 @@ def test_service_exits_non_zero_when_an_actor_keeps_crashing(make_service) -> No
         raise AssertionError("service kept running:\n" + service.log()[-3000:]) from None
     assert code == 1
     log = service.log()
-    assert "crashed (ResponseError: WRONGTYPE" in log and "stopping the service" in log
+    # whichever actor meets the key first (the flusher reads the streams only when rows wait)
+    assert re.search(r"crashed \(ResponseError: [^\n]*WRONGTYPE", log) and "stopping the service" in log
     time.sleep(0.1)
