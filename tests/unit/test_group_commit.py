@@ -83,7 +83,7 @@ async def test_concurrent_requests_become_one_entry_per_group_and_one_batch_each
 async def test_a_group_never_exceeds_its_byte_bound(valkey: Any) -> None:
     redis = RedisIO(f"unix://{valkey.unix_socket_path}", 5)
     keys = Keys("gcb")
-    log, batches, _ = _log(redis, keys)
+    log, _batches, _ = _log(redis, keys)
     log.MAX_GROUP_BYTES = 2000
     big = [Incoming("p", "track", f"b-{i}", "a", "", "E", {"x": "y" * 900}, {}, Context(), 1, 1, "", "", "", "")
            for i in range(20)]
