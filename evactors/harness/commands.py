@@ -49,12 +49,21 @@ def _common(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("report")
     r.add_argument("--report-dir", type=Path, help="where report.json and chart.png go "
                    "(default bench-results/<time>)")
+    r.add_argument("--no-profile", action="store_true", help="do not sample the service with py-spy in the "
+                   "max phase (CPU by stage)")
     r.add_argument("--json", action="store_true", help="print the JSON report on stdout instead of the table")
     r.add_argument("--no-progress", action="store_true")
 
 
+def _check_half(phases: list[Phase]) -> None:
+    for i, phase in enumerate(phases):
+        if phase.half and not any(not p.open_loop for p in phases[:i]):
+            raise SystemExit("a half phase needs a max phase before it (e.g. --phase max:20 --phase half:20)")
+
+
 def _phases(args: argparse.Namespace, default_rate: float | None) -> list[Phase]:
     if args.phase:
+        _check_half(list(args.phase))
         return list(args.phase)
     if args.max:
         return [Phase(None, args.duration)]
@@ -67,6 +76,7 @@ def _options(args: argparse.Namespace, phases: list[Phase], **kw: Any) -> Option
                    bad_requests=args.bad_requests, remap_fraction=args.remap, max_events=args.max_events,
                    lanes=args.connections, senders=args.senders, retries=args.retries, timeout=args.timeout,
                    saved_latency=not args.no_saved_latency, progress=not args.no_progress,
+                   profile=not args.no_profile,
                    report_dir=args.report_dir or default_report_dir(), **kw)
 
 
@@ -86,8 +96,8 @@ def loadtest_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--rate", type=float, help="events/s, open loop (default 1000)")
     mode.add_argument("--max", action="store_true", help="closed loop, as fast as it answers")
-    mode.add_argument("--phase", type=parse_phase, action="append", metavar="RATE:S|max:S",
-                      help="a phase (repeatable), e.g. --phase 25000:20 --phase max:20")
+    mode.add_argument("--phase", type=parse_phase, action="append", metavar="RATE:S|max:S|half:S",
+                      help="a phase (repeatable), e.g. --phase 25000:20 --phase max:20 --phase half:20")
     p.add_argument("--duration", type=float, default=20.0, help="seconds (default 20)")
     svc = p.add_argument_group("the service (for CPU/RSS, Redis, backlog and verification)")
     svc.add_argument("--data-dir", type=Path, help="its data dir: service.json (pid), admin.token, "
@@ -112,13 +122,14 @@ def bench_parser() -> argparse.ArgumentParser:
         prog="evactors bench", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Start a service on embedded defaults (a fresh data dir, sessions closed at shutdown), "
         "run the load harness against it, stop it, verify exactly-once and sessions, measure the "
-        "infrastructure floor, and write the report. Default: 25,000 events/s for --duration seconds "
-        "(latency), then max for --duration seconds (throughput).")
+        "infrastructure floor, and write the report. Default: max for --duration seconds (throughput, "
+        "CPU by stage), then half that max's accepted rate for --duration seconds (latency).")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--rate", type=float, help="one phase at this rate only")
     mode.add_argument("--max", action="store_true", help="one phase at max only")
-    mode.add_argument("--phase", type=parse_phase, action="append", metavar="RATE:S|max:S",
-                      help="phases (repeatable); default 25000:D then max:D")
+    mode.add_argument("--phase", type=parse_phase, action="append", metavar="RATE:S|max:S|half:S",
+                      help="phases (repeatable); default max:D then half:D (open loop at half the max "
+                      "phase's accepted rate: latency at a load the service keeps up with)")
     p.add_argument("--duration", type=float, default=20.0, help="seconds per phase (default 20)")
     p.add_argument("--data-dir", type=Path, help="the service's data dir (default: a fresh one in the "
                    "report dir, removed afterwards unless --keep)")
@@ -182,8 +193,9 @@ def main_bench(argv: list[str]) -> int:
 
     args = bench_parser().parse_args(argv)
     phases = list(args.phase) if args.phase else (
-        [Phase(None, args.duration)] if args.max else
-        [Phase(args.rate, args.duration)] if args.rate else [Phase(25_000, args.duration), Phase(None, args.duration)])
+        [Phase(None, args.duration)] if args.max else [Phase(args.rate, args.duration)] if args.rate else
+        [Phase(None, args.duration), Phase(None, args.duration, half=True)])
+    _check_half(phases)
     report_dir = (args.report_dir or default_report_dir()).resolve()
     report_dir.mkdir(parents=True, exist_ok=True)
     data_dir = (args.data_dir or report_dir / "data").resolve()
@@ -226,7 +238,7 @@ def main_bench(argv: list[str]) -> int:
         verification = verify(result, reader, sessions_closed=True)
     finally:
         reader.close()
-    floor = None if args.no_floor else run_floor(result, report_dir)
+    floor = None if args.no_floor else run_floor(result, report_dir, env)
     status = finish_report(result, verification, floor, as_json=args.json, kind="bench",
                            extra={"service_log": str(service.log_path), "service_exit": code})
     if not args.keep and args.data_dir is None:
@@ -237,10 +249,11 @@ def main_bench(argv: list[str]) -> int:
 FLOOR_MIN_EVENTS = 200_000  # fewer, and the fixed cost of each insert would weigh on the figure
 
 
-def run_floor(result: RunResult, report_dir: Path | None) -> dict[str, Any] | None:
+def run_floor(result: RunResult, report_dir: Path | None, env: dict[str, str] | None = None) -> dict[str, Any] | None:
     """The infrastructure floor in its own process (chDB allows one engine per process):
     the requests this run got a 200 for (topped up with generated requests it did not send,
-    up to FLOOR_MIN_EVENTS), written to Redis and inserted into ClickHouse."""
+    up to FLOOR_MIN_EVENTS), written to Redis and inserted into ClickHouse as the service
+    would at its best: its settings (``env``: the service's), its group commit."""
     traffic = result.traffic
     accepted = [r for r, (status, _a, _rej) in sorted(result.outcomes.items())
                 if status == 200 and traffic.flags[r] == PLAIN]
@@ -261,11 +274,17 @@ def run_floor(result: RunResult, report_dir: Path | None) -> dict[str, Any] | No
                 f.write(len(body).to_bytes(4, "little") + n.to_bytes(4, "little") + body)
         out = Path(tmp) / "floor.json"
         print("measuring the infrastructure floor (Redis + ClickHouse, no processing) ...", file=sys.stderr)
+        from evactors.pipeline.durable_log import DurableLog
+
+        group = min(result.opts.lanes, DurableLog.MAX_GROUP)  # at most one request per connection waits
         proc = subprocess.run([sys.executable, "-m", "evactors.harness.floor", str(spool), str(out),
-                               "--project", result.opts.project or "floor"], cwd=tmp, env={**os.environ,
+                               "--project", result.opts.project or "floor", "--group", str(group)],
+                              cwd=tmp, env={**os.environ, **(env or {}),
                               "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")},
                               capture_output=True, text=True, timeout=1800)
         if proc.returncode != 0:
             print(f"floor failed: {proc.stderr[-2000:]}", file=sys.stderr)
             return {"error": proc.stderr[-2000:]}
-        return json.loads(out.read_text())
+        floor: dict[str, Any] = json.loads(out.read_text())
+        floor["service_insert"] = result.service_inserts
+        return floor

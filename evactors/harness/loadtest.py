@@ -47,6 +47,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from hdrh.histogram import HdrHistogram
 
@@ -68,7 +69,7 @@ from evactors.harness.run import (
 )
 from evactors.store.paths import DataDir
 
-TICK = 0.5  # seconds between progress reports of the child processes
+TICK = 1.0  # seconds between progress reports of the child processes (each encodes its histograms)
 
 
 
@@ -88,6 +89,8 @@ class Plan:
     stop: Any  # multiprocessing Event: the coordinator asks the subscriber to stop
     stopping: Any  # multiprocessing Event: the service was asked to stop (saves now are its final flush)
     admin_address: str = ""  # the service's admin listener (unix:PATH or a URL): re-maps go there
+    rates: Any = None  # RawArray('d') per phase: its rate (0 until a half phase's is known)
+    accepted: Any = None  # RawArray('d') per sender x phase: events accepted (a half phase's base)
 
     @property
     def deadline(self) -> float:
@@ -102,16 +105,29 @@ class Plan:
 
 
 class Bucket:
-    __slots__ = ("count", "hist", "statuses", "view_hist", "views")
+    __slots__ = ("_hist", "_view_hist", "count", "statuses", "views")
 
     def __init__(self) -> None:
         self.count, self.views = 0, 0  # events (accepted, or saved); of which screen views
         self.statuses: Counter[int] = Counter()
-        self.hist, self.view_hist = new_hist(), new_hist()
+        self._hist: HdrHistogram | None = None  # made when first used: a histogram costs 0.3 ms
+        self._view_hist: HdrHistogram | None = None
+
+    @property
+    def hist(self) -> HdrHistogram:
+        if self._hist is None:
+            self._hist = new_hist()
+        return self._hist
+
+    @property
+    def view_hist(self) -> HdrHistogram:
+        if self._view_hist is None:
+            self._view_hist = new_hist()
+        return self._view_hist
 
 
-def _encoded(h: HdrHistogram) -> bytes:
-    return h.encode() if h.get_total_count() else b""
+def _encoded(h: HdrHistogram | None) -> bytes:
+    return h.encode() if h is not None and h.get_total_count() else b""
 
 
 class Buckets:
@@ -130,7 +146,7 @@ class Buckets:
         return bucket
 
     def take(self) -> list[tuple[int, int, int, dict[int, int], bytes, int, bytes]]:
-        out = [(sec, phase, b.count, dict(b.statuses), _encoded(b.hist), b.views, _encoded(b.view_hist))
+        out = [(sec, phase, b.count, dict(b.statuses), _encoded(b._hist), b.views, _encoded(b._view_hist))
                for (sec, phase), b in self.data.items()]
         self.data = {}
         return out
@@ -144,121 +160,145 @@ def _sender_entry(plan: Plan, index: int) -> None:
     uvloop.run(_sender(plan, index))
 
 
+def _address(url: str) -> tuple[str, int, str | None, str]:
+    """(host, port, unix socket path, path prefix) of an ``http://`` URL or ``unix:PATH``."""
+    if url.startswith("unix:"):
+        return "localhost", 0, url[5:], ""
+    parsed = urlsplit(url)
+    if parsed.scheme != "http" or not parsed.hostname:
+        raise SystemExit(f"the harness speaks plain http:// only, got {url!r}")
+    return parsed.hostname, parsed.port or 80, None, parsed.path.rstrip("/")
+
+
 async def _sender(plan: Plan, index: int) -> None:
     import asyncio
 
-    import aiohttp
+    from evactors.harness.http_client import Client, HTTPError, encode, request_head
 
     opts, traffic = plan.opts, plan.traffic
     lanes = [lane for lane in range(len(traffic.lanes)) if lane % opts.senders == index]
     buckets = Buckets(plan.t0)
     lag = new_hist()  # how late the harness sent, when it was free to send on time
-    batch_url = opts.url.rstrip("/") + "/v1/batch"
-    if plan.admin_address.startswith("unix:"):  # the admin API is on its own listener
-        admin_connector: aiohttp.BaseConnector = aiohttp.UnixConnector(path=plan.admin_address[5:])
-        remap_url = "http://admin/admin/remap"
-    else:
-        admin_connector = aiohttp.TCPConnector(limit=2)
-        remap_url = plan.admin_address.rstrip("/") + "/admin/remap"
+    host, port, _unix, prefix = _address(opts.url)
+    host_header = host if port in (0, 80) else f"{host}:{port}"
+    # Every request's head but its length is built once: bodies are pre-encoded by the generator.
     auth = "Basic " + base64.b64encode(f"{opts.write_key}:".encode()).decode()
-    headers = {"Authorization": auth, "Content-Type": "application/json"}
-    wrong_key = {"Authorization": "Basic " + base64.b64encode(b"no-such-key:").decode(),
-                 "Content-Type": "application/json"}
-    admin = {"Authorization": f"Bearer {plan.admin_token}", "Content-Type": "application/json"}
+    plain = request_head("POST", prefix + "/v1/batch", host_header,
+                         {"Authorization": auth, "Content-Type": "application/json"})
+    wrong_key = request_head("POST", prefix + "/v1/batch", host_header,
+                             {"Authorization": "Basic " + base64.b64encode(b"no-such-key:").decode(),
+                              "Content-Type": "application/json"})
+    admin_host, admin_port, admin_unix, admin_prefix = (_address(plan.admin_address) if plan.admin_address
+                                                        else ("localhost", 0, None, ""))
+    remap = request_head("POST", admin_prefix + "/admin/remap", "admin",
+                         {"Authorization": f"Bearer {plan.admin_token}", "Content-Type": "application/json"})
     retry_after: Counter[float] = Counter()
     done = asyncio.Event()
+    accepted_at = index * len(opts.phases)  # this sender's row of plan.accepted
 
-    connector = aiohttp.TCPConnector(limit=len(lanes) + 1, keepalive_timeout=5.0)  # < the server's 10 s
-    session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=opts.timeout),
-                                    auto_decompress=False, skip_auto_headers=("User-Agent",))
-    admin_session = aiohttp.ClientSession(connector=admin_connector,
-                                          timeout=aiohttp.ClientTimeout(total=opts.timeout))
-
-    async def send(request: int, intended: float, phase: int) -> tuple[int, int, list[int] | None]:
+    async def send(client: Client, admin: Client, request: int, intended: float,
+                   phase: int) -> tuple[int, int, list[int] | None]:
         """One request, retried after 503 or no answer; (status, attempts, rejected indices)."""
         flag = traffic.flags[request]
-        url, hdrs = (remap_url, admin) if flag == REMAP else (batch_url, wrong_key if flag == WRONG_KEY else headers)
-        body = traffic.bodies[request]
+        data = encode(remap if flag == REMAP else wrong_key if flag == WRONG_KEY else plain, traffic.bodies[request])
         plan.sent_at[request] = intended
         attempts = 0
         while True:
             attempts += 1
             status, accepted, rejected, wait = ERROR, 0, None, 0.0
             try:
-                async with (admin_session if flag == REMAP else session).post(
-                        url, data=body, headers=hdrs) as response:
-                    status = response.status
-                    payload = await response.read()  # read whole: the connection is reused
-                    if status == 200:
-                        accepted = traffic.messages[request]
-                    elif status == 400 and payload:
-                        with contextlib.suppress(ValueError):
-                            answer = json.loads(payload)
-                            if answer.get("error") == "invalid_events":
-                                accepted = int(answer.get("accepted", 0))
-                                rejected = [int(r["index"]) for r in answer.get("rejected", [])]
-                    elif status == 503:
-                        try:
-                            wait = float(response.headers.get("Retry-After", "1"))
-                        except ValueError:
-                            wait = 1.0
-                        retry_after[wait] += 1
-            except (TimeoutError, aiohttp.ClientError, OSError):
+                answer = await (admin if flag == REMAP else client).request(data)
+                status = answer.status
+                if status == 200:
+                    accepted = traffic.messages[request]
+                elif status == 400 and answer.body:
+                    with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
+                        reply = json.loads(answer.body)
+                        if reply.get("error") == "invalid_events":
+                            accepted = int(reply.get("accepted", 0))
+                            rejected = [int(r["index"]) for r in reply.get("rejected", [])]
+                elif status == 503:
+                    try:
+                        wait = float(answer.retry_after or b"1")
+                    except ValueError:
+                        wait = 1.0
+                    retry_after[wait] += 1
+            except (TimeoutError, HTTPError, OSError):
                 wait = min(0.1 * 2 ** attempts, 5.0)
             now = time.monotonic()
             bucket = buckets.at(now, phase)
             bucket.count += accepted
             bucket.statuses[status] += 1
             bucket.hist.record_value(max(1, min(int((now - intended) * 1e6), HIST_MAX_US)))
+            plan.accepted[accepted_at + phase] += accepted
             if status not in (503, ERROR) or attempts > opts.retries or now > plan.deadline:
                 return status, attempts, rejected
             await asyncio.sleep(wait)
             intended = time.monotonic()  # a retry is a new request, sent when it is due
 
+    async def phase_rate(index: int, p_end: float) -> float | None:
+        """An open-loop phase's rate: given, or (a half phase) set by the coordinator at its start."""
+        while time.monotonic() < p_end:
+            if plan.rates[index] > 0:
+                return float(plan.rates[index])
+            await asyncio.sleep(0.01)
+        return None
+
     async def lane_task(lane: int) -> None:
+        client = Client(host, port, opts.timeout, _unix)
+        admin = Client(admin_host, admin_port, opts.timeout, admin_unix)
         first, count = traffic.lanes[lane]
         request, end = first, first + count
         results: list[tuple[int, int, int, list[int] | None]] = []
         loop_rng = random.Random(lane)
-        for phase_index, phase in enumerate(opts.phases):
-            p_start = plan.t0 + plan.starts[phase_index]
-            p_end = p_start + phase.seconds
-            if phase.rate is not None:
-                lane_rate = phase.rate / len(traffic.lanes)
-                mean = (opts.batch[0] + opts.batch[1]) / 2
-                intended = max(p_start, time.monotonic()) + loop_rng.random() * mean / lane_rate  # stagger
-                while request < end and intended < p_end:
-                    if time.monotonic() >= p_end:
-                        # The service kept the lane behind: what this phase still owes is recorded
-                        # as waiting since its time (a lower bound), and sent in the next phase, so
-                        # no message goes missing mid-traffic (sessions rely on it); after the last
-                        # phase it is not sent at all.
-                        bucket = buckets.at(p_end, phase_index)
-                        owed = request
-                        last = phase_index == len(opts.phases) - 1
-                        while owed < end and intended < p_end:
-                            bucket.statuses[BEHIND] += 1
-                            bucket.hist.record_value(max(1, min(int((p_end - intended) * 1e6), HIST_MAX_US)))
+        try:
+            for phase_index, phase in enumerate(opts.phases):
+                p_start = plan.t0 + plan.starts[phase_index]
+                p_end = p_start + phase.seconds
+                if phase.open_loop:
+                    if time.monotonic() < p_start:
+                        await asyncio.sleep(p_start - time.monotonic())
+                    rate = await phase_rate(phase_index, p_end)
+                    if rate is None:
+                        continue
+                    lane_rate = rate / len(traffic.lanes)
+                    mean = (opts.batch[0] + opts.batch[1]) / 2
+                    intended = max(p_start, time.monotonic()) + loop_rng.random() * mean / lane_rate  # stagger
+                    while request < end and intended < p_end:
+                        if time.monotonic() >= p_end:
+                            # The service kept the lane behind: what this phase still owes is recorded
+                            # as waiting since its time (a lower bound), and sent in the next phase, so
+                            # no message goes missing mid-traffic (sessions rely on it); after the last
+                            # phase it is not sent at all.
+                            bucket = buckets.at(p_end, phase_index)
+                            owed = request
+                            last = phase_index == len(opts.phases) - 1
+                            while owed < end and intended < p_end:
+                                bucket.statuses[BEHIND] += 1
+                                bucket.hist.record_value(max(1, min(int((p_end - intended) * 1e6), HIST_MAX_US)))
+                                if last:
+                                    results.append((owed, BEHIND, 0, None))
+                                intended += max(1, traffic.messages[owed]) / lane_rate
+                                owed += 1
                             if last:
-                                results.append((owed, BEHIND, 0, None))
-                            intended += max(1, traffic.messages[owed]) / lane_rate
-                            owed += 1
-                        if last:
-                            request = owed
-                        break
-                    delay = intended - time.monotonic()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                        lag.record_value(max(1, min(int((time.monotonic() - intended) * 1e6), HIST_MAX_US)))
-                    results.append((request, *await send(request, intended, phase_index)))
-                    intended += max(1, traffic.messages[request]) / lane_rate
-                    request += 1
-            else:
-                if time.monotonic() < p_start:
-                    await asyncio.sleep(p_start - time.monotonic())
-                while request < end and time.monotonic() < p_end:
-                    results.append((request, *await send(request, time.monotonic(), phase_index)))
-                    request += 1
+                                request = owed
+                            break
+                        delay = intended - time.monotonic()
+                        if delay > 0:
+                            await asyncio.sleep(delay)
+                            lag.record_value(max(1, min(int((time.monotonic() - intended) * 1e6), HIST_MAX_US)))
+                        results.append((request, *await send(client, admin, request, intended, phase_index)))
+                        intended += max(1, traffic.messages[request]) / lane_rate
+                        request += 1
+                else:
+                    if time.monotonic() < p_start:
+                        await asyncio.sleep(p_start - time.monotonic())
+                    while request < end and time.monotonic() < p_end:
+                        results.append((request, *await send(client, admin, request, time.monotonic(), phase_index)))
+                        request += 1
+        finally:
+            client.close()
+            admin.close()
         # ran dry: the lane had nothing left to send while its last phase was still on
         ran_dry = request >= end and time.monotonic() < plan.t0 + plan.starts[-1] + opts.phases[-1].seconds - 0.5
         plan.results.put(("lane", lane, results, ran_dry, end - request))
@@ -280,8 +320,6 @@ async def _sender(plan: Plan, index: int) -> None:
     finally:
         done.set()
         await reporter
-        await session.close()
-        await admin_session.close()
     plan.results.put(("sender-done", index))
 
 
@@ -346,6 +384,24 @@ def _subscriber_entry(plan: Plan) -> None:
             break
     plan.results.put(("saved", buckets.take()))
     plan.results.put(("subscriber-done",))
+
+
+def insert_sizes(metrics: str) -> dict[str, Any] | None:
+    """Rows per ClickHouse insert from the service's Prometheus text (all tables, and the
+    ``events`` rows)."""
+    values: dict[str, float] = {}
+    for line in metrics.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name in ("evactors_flush_rows_sum", "evactors_flush_rows_count",
+                    'evactors_rows_inserted_total{table="events"}'):
+            with contextlib.suppress(ValueError):
+                values[name] = float(value)
+    count = values.get("evactors_flush_rows_count")
+    if not count:
+        return None
+    return {"inserts": int(count), "rows": int(values.get("evactors_flush_rows_sum", 0)),
+            "rows_per_insert": round(values.get("evactors_flush_rows_sum", 0) / count),
+            "events_rows": int(values.get('evactors_rows_inserted_total{table="events"}', 0))}
 
 
 def redis_client(opts: Options) -> Any:
@@ -491,6 +547,7 @@ class LoadTest:
         self._plan: Plan | None = None
         self._monitor: Monitor | None = None
         self._next_sample = 0.0
+        self._profiler: Any = None
 
     def admin_token(self) -> str | None:
         if self.opts.data_dir is None:
@@ -553,7 +610,8 @@ class LoadTest:
         results = self._ctx.Queue()
         plan = Plan(opts, traffic, 0.0, starts, RawArray("d", max(1, len(traffic))), results,
                     self.admin_token(), first_request, self._ctx.Event(), self._ctx.Event(),
-                    self.admin_address())
+                    self.admin_address(), RawArray("d", [p.rate or 0.0 for p in opts.phases]),
+                    RawArray("d", opts.senders * len(opts.phases)))
         self._plan = plan
         result = RunResult(opts, traffic, 0.0, starts, [PhaseStats() for _ in opts.phases], {}, {}, new_hist(),
                            Counter(), [], notes=notes)
@@ -583,15 +641,58 @@ class LoadTest:
             while senders_done < opts.senders:
                 senders_done += self._pump(0.2)
                 now = time.monotonic()
+                self._resolve_half(now)
+                self._profile(now)
                 if self._sample(now):
                     progress(min(max(0.0, now - plan.t0), total), self._status_line(now))
                 if any(not p.is_alive() and p.exitcode not in (0, None) for p in self._procs):
                     raise RuntimeError("a sender process died: " + ", ".join(
                         f"{p.pid} exit {p.exitcode}" for p in self._procs))
         result.send_end = time.monotonic()
+        self._profile(math.inf)
+        result.rates = [plan.rates[i] or None for i in range(len(opts.phases))]
         for proc in self._procs:
             proc.join(10)
         return result
+
+    def _profile(self, now: float) -> None:
+        """CPU by stage over the first max phase (from its second second to just before its
+        end): py-spy on the service's processes, Valkey's commandstats."""
+        from evactors.harness.profile import Profiler
+
+        plan, opts = self._plan, self.opts
+        assert plan is not None and self._monitor is not None and self.result is not None
+        index = next((i for i, p in enumerate(opts.phases) if not p.open_loop), None)
+        if not opts.profile or index is None or self._monitor.service is None or self.result.profile is not None:
+            return
+        start = plan.t0 + plan.starts[index] + min(1.0, opts.phases[index].seconds / 4)
+        end = plan.t0 + plan.starts[index] + opts.phases[index].seconds - 0.3
+        if self._profiler is None and start <= now < end:
+            monitor = self._monitor
+            pids: dict[str, int] = {"main": self._monitor.service.pid}
+            for n, worker in enumerate(monitor._workers()):
+                pids[f"worker{n}" if n else "worker"] = worker.pid
+            self._profiler = Profiler(pids, monitor.valkey.pid if monitor.valkey is not None else None,
+                                      monitor.redis)
+            self._profiler.start()
+        elif self._profiler is not None and now >= end:
+            self.result.profile = self._profiler.stop()
+            self._profiler = None
+
+    def _resolve_half(self, now: float) -> None:
+        """A half phase's rate, once it starts: half what the last max phase before it accepted
+        per second (its answers counted by the senders as they came)."""
+        plan, phases = self._plan, self.opts.phases
+        assert plan is not None
+        for i, phase in enumerate(phases):
+            if not phase.half or plan.rates[i] > 0 or now < plan.t0 + plan.starts[i]:
+                continue
+            base = next((j for j in range(i - 1, -1, -1) if not phases[j].open_loop), None)
+            accepted = 0.0 if base is None else sum(plan.accepted[s * len(phases) + base]
+                                                     for s in range(self.opts.senders))
+            rate = accepted / phases[base].seconds / 2 if base is not None else 0.0
+            plan.rates[i] = max(rate, 1.0)
+            self.say(f"half phase: {plan.rates[i]:,.0f} events/s (half the max phase's accepted rate)")
 
     def _redis_reachable(self) -> bool:
         try:
@@ -705,8 +806,23 @@ class LoadTest:
             backlog = self._monitor.samples[-1].get("backlog")
             if (backlog == 0 or backlog is None) and now - quiet_since >= settle:
                 self.result.drained_at = now
-                return
-        self.result.notes.append(f"the service did not drain within {self.opts.drain_timeout:.0f}s")
+                break
+        else:
+            self.result.notes.append(f"the service did not drain within {self.opts.drain_timeout:.0f}s")
+        self.result.service_inserts = self.service_inserts()
+
+    def service_inserts(self) -> dict[str, Any] | None:
+        """The service's ClickHouse inserts so far, from its ``/metrics``: rows per insert."""
+        token, address = self.admin_token(), self.admin_address()
+        if not token or not address:
+            return None
+        from evactors.store.admin_client import call
+
+        try:
+            text = call(address, token, "/metrics", timeout=10)
+        except Exception:
+            return None
+        return insert_sizes(str(text))
 
     def mark_stop(self) -> None:
         """The service is about to be stopped: what is saved from now on is its final flush."""
@@ -735,6 +851,8 @@ class LoadTest:
         return self.result
 
     def close(self) -> None:
+        if self._profiler is not None:
+            self._profiler.cancel()
         for proc in [*self._procs, *([self._subscriber] if self._subscriber else [])]:
             if proc.is_alive():
                 proc.terminate()

@@ -55,21 +55,27 @@ KIND_CODE = {OK: "o", BOT: "b", DUPLICATE: "d", BAD: "x"}  # and "v": an OK page
 
 @dataclass(frozen=True)
 class Phase:
-    rate: float | None  # events/s offered (open loop); None: closed loop at max
+    rate: float | None  # events/s offered (open loop); None: closed loop at max (or half, below)
     seconds: float
+    half: bool = False  # open loop at half the accepted rate of the last max phase before it
 
     @property
     def name(self) -> str:
-        return "max" if self.rate is None else f"{self.rate:g}/s"
+        return "half" if self.half else "max" if self.rate is None else f"{self.rate:g}/s"
+
+    @property
+    def open_loop(self) -> bool:
+        return self.rate is not None or self.half
 
 
 def parse_phase(text: str) -> Phase:
-    """``RATE:SECONDS`` or ``max:SECONDS`` (e.g. ``25000:20``, ``max:60``)."""
+    """``RATE:SECONDS``, ``max:SECONDS`` or ``half:SECONDS`` (e.g. ``25000:20``, ``max:60``,
+    ``half:60``: half the accepted rate of the max phase before it)."""
     rate, _, seconds = text.partition(":")
     try:
-        phase = Phase(None if rate == "max" else float(rate), float(seconds))
+        phase = Phase(None if rate in ("max", "half") else float(rate), float(seconds), half=rate == "half")
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected RATE:SECONDS or max:SECONDS, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected RATE:SECONDS, max:SECONDS or half:SECONDS, got {text!r}") from None
     if phase.seconds <= 0 or (phase.rate is not None and phase.rate <= 0):
         raise argparse.ArgumentTypeError(f"rate and seconds must be positive: {text!r}")
     return phase
@@ -117,14 +123,17 @@ class Options:
     report_dir: Path | None = None
     progress: bool = True
     verify: bool = True
+    profile: bool = True  # CPU by stage in the first max phase (py-spy on the service's processes)
 
     @property
     def budget_events(self) -> int:
         """Events to generate: each rate phase's, plus what the max phases may use."""
         total = sum(p.rate * p.seconds for p in self.phases if p.rate is not None)
-        max_seconds = sum(p.seconds for p in self.phases if p.rate is None)
+        max_seconds = sum(p.seconds for p in self.phases if p.rate is None and not p.half)
+        half_seconds = sum(p.seconds for p in self.phases if p.half)
         if max_seconds:
-            total += self.max_events if self.max_events is not None else MAX_GUESS_EPS * max_seconds
+            per_second = (self.max_events / max_seconds if self.max_events is not None else MAX_GUESS_EPS)
+            total += per_second * (max_seconds + half_seconds / 2)
         return int(total)
 
 
@@ -294,3 +303,6 @@ class RunResult:
     subscribed: bool = False
     harness_pids: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    rates: list[float | None] = field(default_factory=list)  # per phase: the rate offered (a half phase's, resolved)
+    service_inserts: dict[str, Any] | None = None  # the service's ClickHouse inserts (its /metrics)
+    profile: dict[str, Any] | None = None  # CPU by stage in the max phase (evactors.harness.profile)
