@@ -60,18 +60,25 @@ def _file(frame: str) -> str:
 
 
 def classify(frames: list[str]) -> str:
-    """The stage of one stack (outermost frame first, as py-spy writes them)."""
-    files = [_file(f) for f in reversed(frames)]
+    """The stage of one stack (outermost frame first, as py-spy writes them). In the trio
+    thread only what runs inside the loop counts (the task's frames): the command line's
+    frames around ``trio.run`` are in every sample."""
+    loop = next((i for i, f in enumerate(frames) if f.startswith("unrolled_run ")), -1)
+    files = [_file(f) for f in reversed(frames[loop + 1:])]
+    ours = False
     for path in files:
         if "evactors/" in path:
+            ours = True
             for prefix, stage in _OWN:
                 if prefix in path:
                     return stage
+    if ours:  # a module of ours that is no stage (the supervisor, the backlog, metrics)
+        return "other"
     for path in files:
         for part, stage in _LIBRARIES:
             if part in path:
                 return stage
-    return "other"
+    return "trio run loop" if loop >= 0 else "other"
 
 
 def parse_raw(text: str) -> dict[int, Counter[str]]:
