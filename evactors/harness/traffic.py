@@ -581,13 +581,19 @@ def generate(spec: TrafficSpec) -> Iterator[Request | Remap]:
             recent.append(item)
         else:
             recent[rng.randrange(256)] = item
+        # a resent duplicate or an invalid message joins the batch, or starts the next one when
+        # this one is full: requests keep their size (--batch-size 1 means one event each)
         if spec.p_duplicate and rnd() < spec.p_duplicate:
             data, msg, _ = rng.choice(recent)
+            if len(parts) >= target:
+                yield flush()
             parts.append(data)
             msgs.append(msg)
             kinds.append(DUPLICATE)
         if spec.p_bad and rnd() < spec.p_bad:
             bad = gen.bad()
+            if len(parts) >= target:
+                yield flush()
             parts.append(_encode(bad))
             msgs.append(bad)
             kinds.append(BAD)

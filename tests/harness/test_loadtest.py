@@ -164,7 +164,8 @@ def test_answers_decide_what_is_expected() -> None:
 def test_bench_runs_end_to_end(tmp_path: Path) -> None:
     report_dir = tmp_path / "bench"
     proc = subprocess.run(
-        [str(BIN), "bench", "--phase", "1200:3", "--phase", "max:2", "--max-events", "12000", "--connections", "6",
+        [str(BIN), "bench", "--phase", "1200:3", "--phase", "max:2", "--phase", "half:2", "--max-events", "12000",
+         "--connections", "6",
          "--senders", "1", "--report-dir", str(report_dir), "--json", "--no-progress"],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
@@ -176,12 +177,25 @@ def test_bench_runs_end_to_end(tmp_path: Path) -> None:
     assert all(c["ok"] for c in checks.values()), checks
     sessions = checks["sessions match the oracle"]
     assert not sessions.get("skipped") and "0 difference(s)" in sessions["detail"]
-    assert [p["phase"] for p in report["phases"]] == ["1200/s", "max"]
+    assert [p["phase"] for p in report["phases"]] == ["1200/s", "max", "half"]
     assert all(p["accepted_events"] > 0 and p["ack_latency"]["count"] > 0 for p in report["phases"])
+    _rate, top, half = report["phases"]
+    assert 0.35 * top["accepted_eps"] <= half["offered_eps"] <= 0.65 * top["accepted_eps"]  # half the max's
+    assert any(t["target"].startswith("p99 HTTP ack <= 50 ms at half the max rate") for t in report["targets"])
     assert report["service_exit"] == 0
+    # CPU by stage in the max phase: py-spy's stages add up to the service's measured CPU
+    stages = report["cpu_by_stage"]
+    assert stages and not stages["errors"] and stages["events"] > 0
+    assert len(stages["stages_us_per_event"]) >= 3 and stages["sampled_share"]["main"] > 0.3
+    assert abs(sum(stages["stages_us_per_event"].values()) - stages["service_us_per_event"]) \
+        <= 0.01 * stages["service_us_per_event"] + 1
+    assert stages["valkey_us_per_event"] > 0 and stages["valkey_commands"] and stages["harness_us_per_request"] > 0
     floor = report["floor"]
     assert floor["stored"] == floor["events"] > 1000 and floor["events_per_s"] > 0
     assert 0 < floor["service_ratio"]
+    # the floor as the service at its best: its chunk size, one round trip per connection's request
+    assert floor["requests_per_write"] == 6 and floor["chunk_rows"] >= floor["rows_per_insert"] > 0
+    assert floor["service_insert"]["inserts"] > 0 and floor["service_insert"]["rows_per_insert"] > 0
 
 
 def test_bench_stopped_by_sigterm_stops_its_service(tmp_path: Path) -> None:
@@ -240,3 +254,19 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"  # a zombie has exited; its parent has not reaped it yet
+
+
+def test_fixed_request_sizes_hold_with_duplicates_and_invalid_messages() -> None:
+    """--batch-size 1 and 100: every plain request carries exactly that many messages (a lane's
+    last may carry fewer), resent duplicates and invalid messages included."""
+    from evactors.harness.run import prepare
+
+    for size in (1, 100):
+        opts = Options(url="", write_key="k", phases=[Phase(2000, 10)], batch=(size, size), run_id="fx", lanes=3,
+                       p_duplicate=0.05, p_bad=0.02)
+        t = prepare(opts)
+        for first, count in t.lanes:
+            sizes = [t.messages[r] for r in range(first, first + count) if t.flags[r] == PLAIN]
+            assert sizes and all(n == size for n in sizes[:-1]) and 1 <= sizes[-1] <= size, (size, Counter(sizes))
+        kinds = Counter("".join(t.kinds))
+        assert kinds["d"] > 0 and kinds["x"] > 0  # duplicates and invalid messages are there
