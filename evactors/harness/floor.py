@@ -106,12 +106,14 @@ def measure(spool: list[tuple[bytes, int]], directory: Path, project: str, group
             pipe.execute()
         written = time.perf_counter()
         last, chunk, inserted, insert_seconds = "0-0", 0, 0, 0.0
+        per_entry = max(1, round(total / max(len(spool), 1)))
         run = time.time_ns()  # tokens of their own: a rerun in the same dir is not deduplicated away
         while True:  # as the flusher: chunks of up to chunk_rows rows, deleted once inserted
             entries: list[Any] = []
             batch: list[EventRow] = []
             while len(batch) < chunk_rows:
-                got: Any = client.xread({STREAM: last}, count=min(256, max(1, (chunk_rows - len(batch)) // 50)))
+                # entries of the mean size: a chunk ends near chunk_rows, as the flusher's plan does
+                got: Any = client.xread({STREAM: last}, count=min(256, max(1, (chunk_rows - len(batch)) // per_entry)))
                 if not got:
                     break
                 now = int(time.time() * 1000)

@@ -309,7 +309,8 @@ async def _sender(plan: Plan, index: int) -> None:
                 await asyncio.wait_for(done.wait(), TICK)
             plan.results.put(("send", index, buckets.take(), lag.encode() if lag.get_total_count() else b"",
                               dict(retry_after)))
-            lag.reset()
+            if lag.get_total_count():
+                lag.reset()  # ~2 ms in Python: not when there is nothing to clear
             retry_after.clear()
 
     if time.monotonic() < plan.t0:
