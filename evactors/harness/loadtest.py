@@ -12,8 +12,9 @@ How it drives traffic
   A phase is open-loop at a fixed rate (each request has an intended send time; latency is
   measured from it, so a slow answer that delays the next request still counts: no
   coordinated omission, as in wrk2) or closed-loop at max (send the next request as soon as
-  the previous one is answered). Sender processes (asyncio + uvloop + aiohttp: the CPU per
-  request matters, the harness shares the cores with the service) run the lanes; one more
+  the previous one is answered). Sender processes (asyncio + uvloop and the harness's own
+  HTTP client, ``evactors.harness.http_client``: the CPU per request matters, the harness
+  shares the cores with the service) run the lanes; one more
   process follows ``event:saved`` for event-to-saved latency.
 
 What it measures (per second and per phase)

@@ -16,9 +16,9 @@ def test_the_service_declares_none_of_the_harness_libraries() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     core = " ".join(project["dependencies"]).lower()
     harness = " ".join(project["optional-dependencies"]["harness"]).lower()
-    for name in ("aiohttp", "uvloop", "hdrhistogram", "psutil", "matplotlib", "numpy", "rich", "anyio"):
+    for name in ("aiohttp", "py-spy", "uvloop", "hdrhistogram", "psutil", "matplotlib", "numpy", "rich", "anyio"):
         assert name not in core
-    for name in ("aiohttp", "uvloop", "hdrhistogram", "psutil", "matplotlib", "numpy", "rich"):
+    for name in ("py-spy", "uvloop", "hdrhistogram", "psutil", "matplotlib", "numpy", "rich"):
         assert name in harness
 
 
