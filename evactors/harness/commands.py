@@ -279,7 +279,8 @@ def run_floor(result: RunResult, report_dir: Path | None, env: dict[str, str] | 
 
         group = min(result.opts.lanes, DurableLog.MAX_GROUP)  # at most one request per connection waits
         proc = subprocess.run([sys.executable, "-m", "evactors.harness.floor", str(spool), str(out),
-                               "--project", result.opts.project or "floor", "--group", str(group)],
+                               "--project", result.opts.project or "floor", "--group", str(group),
+                               "--group-bytes", str(DurableLog.MAX_GROUP_BYTES)],
                               cwd=tmp, env={**os.environ, **(env or {}),
                               "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")},
                               capture_output=True, text=True, timeout=1800)

@@ -7,10 +7,10 @@ the service's schema, in the current directory, both configured as the service w
 environment: ``bench --env`` settings apply here too). It does what the service does at its
 best, at the service's own sizes:
 
-- writes each accepted request body to a Redis stream as ingest does (an entry and the
-  backlog counter per request), grouped as the service's group commit can group them at
-  best: ``--group`` requests (the run's connections, at most the durable log's 64) in one
-  ``MULTI`` pipeline, one round trip per group;
+- writes the accepted request bodies to a Redis stream as ingest's group commit does at
+  best: ``--group`` requests (the run's connections: one waiting request each, at most the
+  durable log's ``MAX_GROUP``; at most ``--group-bytes``) as one stream entry, with the
+  backlog counter, in one ``MULTI``: one round trip per group;
 - reads the stream back, decodes the JSON, maps each message straight onto an ``events``
   row (no validation, enrichment, dedup or sessions), inserts chunks of the service's
   ``flush.chunk_rows`` (its largest insert) with its insert settings (dedup token,
@@ -78,7 +78,8 @@ def to_row(project: str, m: dict[str, Any], now: int) -> EventRow:
         "properties": {k: _text(v) for k, v in properties.items()} if isinstance(properties, dict) else {}})
 
 
-def measure(spool: list[tuple[bytes, int]], directory: Path, project: str, group: int = 1) -> dict[str, Any]:
+def measure(spool: list[tuple[bytes, int]], directory: Path, project: str, group: int = 1,
+            group_bytes: int = 1 << 20) -> dict[str, Any]:
     import psutil
     import redis
 
@@ -95,18 +96,26 @@ def measure(spool: list[tuple[bytes, int]], directory: Path, project: str, group
         # what else the machine did meanwhile: the floor shares the cores with it
         own = [psutil.Process(), psutil.Process(int(valkey.pid_file.read_text()))]
         own_before = sum(p.cpu_times().user + p.cpu_times().system for p in own)
+        entries_written = 0
         psutil.cpu_percent(None)
         started = time.perf_counter()
-        group = max(1, group)
-        for at in range(0, len(spool), group):  # as ingest's group commit: one round trip per group
+        at = 0
+        while at < len(spool):  # as ingest's group commit: a group of requests is one entry
+            bodies, events, size = [], 0, 0
+            while at < len(spool) and len(bodies) < max(1, group) and (not bodies or size < group_bytes):
+                body, n = spool[at]
+                bodies.append(body)
+                events += n
+                size += len(body)
+                at += 1
             pipe = client.pipeline(transaction=True)
-            for body, n in spool[at:at + group]:
-                pipe.xadd(STREAM, {"d": body, "n": n})
-                pipe.incrby(COUNT, n)
+            pipe.xadd(STREAM, {"d": b"[" + b",".join(bodies) + b"]", "n": events})
+            pipe.incrby(COUNT, events)
             pipe.execute()
+            entries_written += 1
         written = time.perf_counter()
         last, chunk, inserted, insert_seconds = "0-0", 0, 0, 0.0
-        per_entry = max(1, round(total / max(len(spool), 1)))
+        per_entry = max(1, round(total / max(entries_written, 1)))
         run = time.time_ns()  # tokens of their own: a rerun in the same dir is not deduplicated away
         while True:  # as the flusher: chunks of up to chunk_rows rows, deleted once inserted
             entries: list[Any] = []
@@ -120,7 +129,8 @@ def measure(spool: list[tuple[bytes, int]], directory: Path, project: str, group
                 for entry_id, fields in got[0][1]:
                     entries.append(entry_id)
                     last = entry_id.decode()
-                    batch += [to_row(project, m, now) for m in decoder.decode(fields[b"d"])["batch"]]
+                    batch += [to_row(project, m, now) for request in decoder.decode(fields[b"d"])
+                              for m in request["batch"]]
             rows = len(batch)
             if not entries:
                 break
@@ -145,7 +155,8 @@ def measure(spool: list[tuple[bytes, int]], directory: Path, project: str, group
                 "read_insert_seconds": round(done - written, 3),
                 "read_insert_eps": round(total / max(done - written, 1e-9)),
                 "clickhouse_insert_seconds": round(insert_seconds, 3), "chunk_rows": chunk_rows,
-                "inserts": chunk, "rows_per_insert": round(inserted / max(chunk, 1)), "requests_per_write": group,
+                "inserts": chunk, "rows_per_insert": round(inserted / max(chunk, 1)),
+                "requests_per_write": round(len(spool) / max(entries_written, 1), 1),
                 "own_cpu": round(own_cores, 2), "other_cpu": round(max(0.0, machine - own_cores), 2)}
     finally:
         clickhouse.close()
@@ -158,9 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("spool", type=Path, help="length-prefixed request bodies (written by the harness)")
     p.add_argument("out", type=Path, help="where the JSON result goes")
     p.add_argument("--project", default="floor")
-    p.add_argument("--group", type=int, default=1, help="requests per Redis round trip (group commit)")
+    p.add_argument("--group", type=int, default=1, help="requests per stream entry (group commit)")
+    p.add_argument("--group-bytes", type=int, default=1 << 20, help="bytes per stream entry, but a request alone")
     args = p.parse_args(argv)
-    result = measure(read_spool(args.spool), Path.cwd() / "floor-data", args.project, args.group)
+    result = measure(read_spool(args.spool), Path.cwd() / "floor-data", args.project, args.group, args.group_bytes)
     args.out.write_text(json.dumps(result))
     print(json.dumps(result))
     return 0

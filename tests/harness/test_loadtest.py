@@ -194,7 +194,7 @@ def test_bench_runs_end_to_end(tmp_path: Path) -> None:
     assert floor["stored"] == floor["events"] > 1000 and floor["events_per_s"] > 0
     assert 0 < floor["service_ratio"]
     # the floor as the service at its best: its chunk size, one round trip per connection's request
-    assert floor["requests_per_write"] == 6 and floor["chunk_rows"] >= floor["rows_per_insert"] > 0
+    assert 5 < floor["requests_per_write"] <= 6 and floor["chunk_rows"] >= floor["rows_per_insert"] > 0
     assert floor["service_insert"]["inserts"] > 0 and floor["service_insert"]["rows_per_insert"] > 0
 
 
