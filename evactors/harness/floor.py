@@ -101,8 +101,10 @@ def measure(spool: list[tuple[bytes, int]], directory: Path, project: str, group
         started = time.perf_counter()
         at = 0
         while at < len(spool):  # as ingest's group commit: a group of requests is one entry
-            bodies, events, size = [], 0, 0
-            while at < len(spool) and len(bodies) < max(1, group) and (not bodies or size < group_bytes):
+            bodies: list[bytes] = []
+            events, size = 0, 0
+            while at < len(spool) and len(bodies) < max(1, group) and (
+                    not bodies or size + len(spool[at][0]) <= group_bytes):
                 body, n = spool[at]
                 bodies.append(body)
                 events += n
