@@ -143,3 +143,31 @@ def test_chunked_answers_split_anywhere_are_parsed_in_order() -> None:
     a, b, c = asyncio.run(main())
     assert (a.status, a.body) == (400, body) and (c.status, c.body) == (400, body)
     assert (b.status, b.body, b.retry_after) == (503, b"{}", b"2")
+
+
+def test_the_senders_remap_through_the_admin_socket_and_verify(make_service: Any, tmp_path: Any) -> None:
+    """Re-maps go to the admin listener (a unix socket) on their own connection, between the
+    lane's batches; the run still verifies: every acknowledged event stored once."""
+    from evactors.harness.loadtest import LoadTest
+    from evactors.harness.run import BEHIND, REMAP, Options, Phase
+    from evactors.harness.verify import AdminReader, verify
+
+    service = make_service().start()
+    opts = Options(url=service.url, write_key="key-a", project="project-a", phases=[Phase(1500, 4)], lanes=4,
+                   batch=(1, 5), data_dir=service.data_dir, report_dir=tmp_path / "report", progress=False,
+                   remap_fraction=0.5, run_id="rm")
+    test = LoadTest(opts, say=lambda _text: None)
+    try:
+        test.prepare()
+        result = test.run()
+        test.drain()
+        result = test.finish()
+    finally:
+        test.close()
+    remaps = [status for r, (status, _a, _rej) in result.outcomes.items() if result.traffic.flags[r] == REMAP]
+    assert remaps.count(200) >= 2 and set(remaps) <= {200, BEHIND}, remaps  # behind: not sent when the phase ended
+    plain = [status for r, (status, _a, _rej) in result.outcomes.items() if result.traffic.flags[r] != REMAP]
+    assert plain.count(200) > 100
+    verification = verify(result, AdminReader(service.admin, (service.data_dir / "admin.token").read_text().strip()),
+                          sessions_closed=False)
+    assert verification["ok"], [c for c in verification["checks"] if not c["ok"]]
