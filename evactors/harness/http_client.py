@@ -175,23 +175,28 @@ class Client:
         self.connection: Connection | None = None
         self.connects = 0
 
+    async def _open(self) -> Connection:
+        loop = asyncio.get_running_loop()
+        if self.unix_path:
+            _, protocol = await loop.create_unix_connection(Connection, self.unix_path)
+        else:
+            _, protocol = await loop.create_connection(Connection, self.host, self.port)
+        self.connects += 1
+        self.connection = protocol
+        return protocol
+
     async def _connection(self) -> Connection:
-        if self.connection is None or self.connection.closed:
-            loop = asyncio.get_running_loop()
-            if self.unix_path:
-                _, protocol = await loop.create_unix_connection(Connection, self.unix_path)
-            else:
-                _, protocol = await loop.create_connection(Connection, self.host, self.port)
-            self.connects += 1
-            self.connection = protocol
-        return self.connection
+        connection = self.connection
+        if connection is None or connection.closed:  # (wait_for costs a task: only to connect)
+            try:
+                connection = await asyncio.wait_for(self._open(), self.timeout)
+            except OSError as e:
+                raise HTTPError(str(e)) from e
+        return connection
 
     async def request(self, data: bytes) -> Answer:
         """One encoded request and its answer; ``HTTPError`` or ``TimeoutError`` without one."""
-        try:
-            connection = await asyncio.wait_for(self._connection(), self.timeout)
-        except OSError as e:
-            raise HTTPError(str(e)) from e
+        connection = await self._connection()
         future = connection.send(data)
         timer = asyncio.get_running_loop().call_later(self.timeout, connection.expire)
         try:
