@@ -92,6 +92,7 @@ class Plan:
     admin_address: str = ""  # the service's admin listener (unix:PATH or a URL): re-maps go there
     rates: Any = None  # RawArray('d') per phase: its rate (0 until a half phase's is known)
     accepted: Any = None  # RawArray('d') per sender x phase: events accepted (a half phase's base)
+    finished: Any = None  # RawArray('i') per sender x phase: lanes done with it (answers all in)
 
     @property
     def deadline(self) -> float:
@@ -261,6 +262,7 @@ async def _sender(plan: Plan, index: int) -> None:
                         await asyncio.sleep(p_start - time.monotonic())
                     rate = await phase_rate(phase_index, p_end)
                     if rate is None:
+                        plan.finished[accepted_at + phase_index] += 1
                         continue
                     lane_rate = rate / len(traffic.lanes)
                     mean = (opts.batch[0] + opts.batch[1]) / 2
@@ -297,6 +299,7 @@ async def _sender(plan: Plan, index: int) -> None:
                     while request < end and time.monotonic() < p_end:
                         results.append((request, *await send(client, admin, request, time.monotonic(), phase_index)))
                         request += 1
+                plan.finished[accepted_at + phase_index] += 1
         finally:
             client.close()
             admin.close()
@@ -613,7 +616,7 @@ class LoadTest:
         plan = Plan(opts, traffic, 0.0, starts, RawArray("d", max(1, len(traffic))), results,
                     self.admin_token(), first_request, self._ctx.Event(), self._ctx.Event(),
                     self.admin_address(), RawArray("d", [p.rate or 0.0 for p in opts.phases]),
-                    RawArray("d", opts.senders * len(opts.phases)))
+                    RawArray("d", opts.senders * len(opts.phases)), RawArray("i", opts.senders * len(opts.phases)))
         self._plan = plan
         result = RunResult(opts, traffic, 0.0, starts, [PhaseStats() for _ in opts.phases], {}, {}, new_hist(),
                            Counter(), [], notes=notes)
@@ -674,8 +677,9 @@ class LoadTest:
             pids: dict[str, int] = {"main": self._monitor.service.pid}
             for n, worker in enumerate(monitor._workers()):
                 pids[f"worker{n}" if n else "worker"] = worker.pid
+            senders = [pid for name, pid in self.result.harness_pids.items() if name.startswith("sender")]
             self._profiler = Profiler(pids, monitor.valkey.pid if monitor.valkey is not None else None,
-                                      monitor.redis)
+                                      monitor.redis, senders)
             self._profiler.start()
         elif self._profiler is not None and now >= end:
             self.result.profile = self._profiler.stop()
@@ -683,15 +687,19 @@ class LoadTest:
 
     def _resolve_half(self, now: float) -> None:
         """A half phase's rate, once it starts: half what the last max phase before it accepted
-        per second (its answers counted by the senders as they came)."""
+        per second (every answer to its requests, counted by the senders), once every lane is
+        done with it (or 2 s into the half phase: a lane waiting for a slow answer holds no one)."""
         plan, phases = self._plan, self.opts.phases
         assert plan is not None
         for i, phase in enumerate(phases):
             if not phase.half or plan.rates[i] > 0 or now < plan.t0 + plan.starts[i]:
                 continue
             base = next((j for j in range(i - 1, -1, -1) if not phases[j].open_loop), None)
-            accepted = 0.0 if base is None else sum(plan.accepted[s * len(phases) + base]
-                                                     for s in range(self.opts.senders))
+            rows, lanes = range(self.opts.senders), len(self.traffic.lanes) if self.traffic else 0
+            if base is not None and now < plan.t0 + plan.starts[i] + 2.0 and \
+                    sum(plan.finished[s * len(phases) + base] for s in rows) < lanes:
+                continue
+            accepted = 0.0 if base is None else sum(plan.accepted[s * len(phases) + base] for s in rows)
             rate = accepted / phases[base].seconds / 2 if base is not None else 0.0
             plan.rates[i] = max(rate, 1.0)
             self.say(f"half phase: {plan.rates[i]:,.0f} events/s (half the max phase's accepted rate)")

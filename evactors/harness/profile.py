@@ -154,8 +154,11 @@ class Profiler:
     RATE = 47  # samples per second per process (not a divisor of the kernel's tick): py-spy's own CPU
     # grows with it, on the cores the service uses
 
-    def __init__(self, pids: dict[str, int], valkey_pid: int | None, redis: Any) -> None:
+    def __init__(self, pids: dict[str, int], valkey_pid: int | None, redis: Any,
+                 senders: list[int] | None = None) -> None:
         self.pids, self.valkey_pid, self.redis = pids, valkey_pid, redis
+        self.senders = senders or []  # the harness's sender processes: their CPU over the window
+        self.senders_before = 0.0
         self.dir = Path(tempfile.mkdtemp(prefix="evactors-profile-"))
         self.spies: dict[str, subprocess.Popen[bytes]] = {}
         self.before: dict[str, dict[int, tuple[str, float]]] = {}
@@ -188,6 +191,7 @@ class Profiler:
         self.before = {name: thread_cpu(pid) for name, pid in self.pids.items()}
         if self.valkey_pid:
             self.valkey_before = _proc_cpu(self.valkey_pid)
+        self.senders_before = sum(_proc_cpu(pid) for pid in self.senders)
         if self.redis is not None:
             with contextlib.suppress(Exception):
                 self.commands_before = commandstats(self.redis)
@@ -196,6 +200,7 @@ class Profiler:
         after = {name: thread_cpu(pid) for name, pid in self.pids.items()}
         ended = time.monotonic()
         valkey = _proc_cpu(self.valkey_pid) - self.valkey_before if self.valkey_pid else None
+        senders = sum(_proc_cpu(pid) for pid in self.senders) - self.senders_before if self.senders else None
         commands: dict[str, tuple[int, int]] = {}
         if self.redis is not None and self.commands_before:
             with contextlib.suppress(Exception):
@@ -231,7 +236,8 @@ class Profiler:
         return {"window_s": round(ended - self.started, 2), "rate_hz": self.RATE, "processes": processes,
                 "valkey_cpu_s": round(valkey, 3) if valkey is not None else None,
                 "valkey_commands": {k: {"calls": c, "usec": u} for k, (c, u) in sorted(commands.items())},
-                "errors": errors, "started": self.started, "ended": ended, "py_spy_cpu_s": round(self.spy_cpu, 3)}
+                "errors": errors, "started": self.started, "ended": ended, "py_spy_cpu_s": round(self.spy_cpu, 3),
+                "senders_cpu_s": round(senders, 3) if senders is not None else None}
 
     def cancel(self) -> None:
         for spy in self.spies.values():

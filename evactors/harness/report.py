@@ -179,11 +179,13 @@ def _cpu_by_stage(result: RunResult) -> dict[str, Any] | None:
     a, b = prof["started"] - result.t0, prof["ended"] - result.t0
     events = round(_window_sum(result, a, b, lambda s: s.accepted))
     requests = round(_window_sum(result, a, b, lambda s: sum(n for k, n in s.statuses.items() if k >= 0)))
-    senders = 0.0
-    for m in result.monitor:  # each sample covers the second before it
-        overlap = min(b, m["t"] - result.t0) - max(a, m["t"] - result.t0 - 1)
-        if overlap > 0:
-            senders += sum(v for k, v in m.items() if k.startswith("harness_sender") and v) * overlap
+    senders = prof.get("senders_cpu_s")  # measured over the window (/proc), else from the monitor's samples
+    if senders is None:
+        senders = 0.0
+        for m in result.monitor:  # each sample covers the second before it
+            overlap = min(b, m["t"] - result.t0) - max(a, m["t"] - result.t0 - 1)
+            if overlap > 0:
+                senders += sum(v for k, v in m.items() if k.startswith("harness_sender") and v) * overlap
     out = per_event(prof, events, requests, senders)
     if out:
         out["window_s"], out["errors"] = prof["window_s"], prof["errors"]

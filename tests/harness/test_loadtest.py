@@ -164,7 +164,7 @@ def test_answers_decide_what_is_expected() -> None:
 def test_bench_runs_end_to_end(tmp_path: Path) -> None:
     report_dir = tmp_path / "bench"
     proc = subprocess.run(
-        [str(BIN), "bench", "--phase", "1200:3", "--phase", "max:2", "--phase", "half:2", "--max-events", "12000",
+        [str(BIN), "bench", "--phase", "1200:3", "--phase", "max:3", "--phase", "half:2", "--max-events", "18000",
          "--connections", "6",
          "--senders", "1", "--report-dir", str(report_dir), "--json", "--no-progress"],
         capture_output=True, text=True, timeout=600)
@@ -180,7 +180,8 @@ def test_bench_runs_end_to_end(tmp_path: Path) -> None:
     assert [p["phase"] for p in report["phases"]] == ["1200/s", "max", "half"]
     assert all(p["accepted_events"] > 0 and p["ack_latency"]["count"] > 0 for p in report["phases"])
     _rate, top, half = report["phases"]
-    assert 0.35 * top["accepted_eps"] <= half["offered_eps"] <= 0.65 * top["accepted_eps"]  # half the max's
+    base = top["accepted_events"] / top["seconds"]  # every answer to the max phase's requests, per second
+    assert 0.4 * base <= half["offered_eps"] <= 0.6 * base  # half the max's (exactly, unless a lane was slow)
     assert any(t["target"].startswith("p99 HTTP ack <= 50 ms at half the max rate") for t in report["targets"])
     assert report["service_exit"] == 0
     # CPU by stage in the max phase: py-spy's stages add up to the service's measured CPU
