@@ -164,7 +164,7 @@ def test_answers_decide_what_is_expected() -> None:
 def test_bench_runs_end_to_end(tmp_path: Path) -> None:
     report_dir = tmp_path / "bench"
     proc = subprocess.run(
-        [str(BIN), "bench", "--phase", "1200:3", "--phase", "max:3", "--phase", "half:2", "--max-events", "18000",
+        [str(BIN), "bench", "--phase", "1200:3", "--phase", "max:3", "--phase", "half:2", "--max-events", "60000",
          "--connections", "6",
          "--senders", "1", "--report-dir", str(report_dir), "--json", "--no-progress"],
         capture_output=True, text=True, timeout=600)

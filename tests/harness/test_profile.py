@@ -102,7 +102,8 @@ def test_py_spy_samples_split_the_measured_cpu_of_a_real_process() -> None:
     main = profile["processes"]["main"]
     stages = main["stages_s"]
     assert main["samples"] > 100 and main["sampled_share"] > 0.9
-    assert 0.5 < main["cpu_s"] < 3.3  # one core at most (the GIL), less on a busy machine
+    # two busy threads (RE2 matches without the GIL): at most two cores, less on a busy machine
+    assert 0.5 < main["cpu_s"] < 2 * profile["window_s"] + 0.3
     assert abs(sum(stages.values()) - main["cpu_s"]) < 0.01  # the stages add up to the measured CPU
     assert set(stages) <= set(STAGES)
     assert stages.get("enrich", 0) > 0.2 * main["cpu_s"] and stages.get("trio run loop", 0) > 0.2 * main["cpu_s"]
