@@ -182,7 +182,7 @@ def bench_dedup(events: list[Incoming], batch: int) -> dict[str, Any]:
                 for start in range(0, len(items), batch):
                     chunk = items[start:start + batch]
                     commit = await shard.process(chunk)
-                    duplicates += len(chunk) - len(commit.dedup_keys)
+                    duplicates += len(chunk) - len(commit.fingerprints)
                     batches += 1
                 return time.perf_counter() - started, batches, duplicates
 

@@ -1,13 +1,17 @@
 """Session actors: one per shard of the (project, device) key space.
 
-Each batch costs two Redis round trips (a third only to follow alias chains): one reads
-the dedup markers, user states and alias links of the whole batch, one commits everything
-in one Lua script (atomic, and one command however large the batch) — dedup markers, new
-user states, alias links, the open-session index (derived from each final state), the rows
-for ClickHouse (one buffer-stream entry). Because the commit is atomic and a shard is
-processed by one task at a time, a replayed batch (after a crash, before its ingest entry
-was deleted) finds its events marked and adds nothing: no event is kept twice, none is
-marked without being kept.
+A shard is processed by one task at a time, so the actor owns its state in memory: the
+user states it has seen (an LRU of ``state_cache`` entries, read from Redis on first sight)
+and its dedup window (``dedup.ShardDedup``). Each unit of work costs two Redis round trips
+(a third only to follow alias chains): one reads the alias links (cross-shard) and the
+states not in memory, one commits everything in one MULTI/EXEC — the unit's dedup
+fingerprints, new user states, alias links, the open-session index (derived from each final
+state), the rows for ClickHouse (one buffer-stream entry) and the buffer count. Because the
+commit is atomic, a replayed unit (after a crash, before its ingest entry was deleted) finds
+its events deduplicated and adds nothing: no event is kept twice, none is marked without
+being kept. A commit that fails or whose outcome is unknown (an error, a timeout, a lost
+connection) drops what is in memory: the retry reads the states and the dedup bucket again,
+and finds its events there if the first attempt did commit.
 
 The rules (docs/sessions.md) in short: sessions follow event time, a gap of more than the
 timeout starts a new one, and a sweep closes sessions idle for the timeout by wall clock.
@@ -25,6 +29,7 @@ import functools
 import itertools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -37,9 +42,10 @@ from evactors.core.messages import Enriched, Notice, Receipt, ShardBatch, count_
 from evactors.core.model import BotRow, EventRow, Incoming, ProfileRow, SessionRow, event_id, flatten, session_id
 from evactors.core.sharding import shard_of
 from evactors.ops import metrics
+from evactors.pipeline.dedup import ShardDedup, fingerprint
 from evactors.store.keys import Keys
 from evactors.store.redis_io import RedisIO, retrying
-from evactors.store.scripts import COMMIT
+from evactors.store.resp import Command
 
 if TYPE_CHECKING:
     from evactors.core.config import PipelineConfig
@@ -154,7 +160,7 @@ class Commit:
         self.sessions: list[SessionRow] = []
         self.profiles: list[ProfileRow] = []
         self.bots: list[BotRow] = []
-        self.dedup_keys: list[str] = []
+        self.fingerprints: list[bytes] = []  # of the events accepted (see dedup)
         self.aliases: dict[str, str] = {}  # alias key → the id it resolves to
         self.states: dict[str, UserState] = {}  # the index follows each final state
 
@@ -167,11 +173,10 @@ Link = tuple[str, str]  # (project, id): an alias link's source
 
 
 class Loaded:
-    """What one batch read: dedup verdicts, user states, alias links (source → target)."""
+    """What one batch read: user states, alias links (source → target)."""
 
-    def __init__(self, seen: list[bool], states: dict[str, UserState], links: dict[Link, str],
+    def __init__(self, states: dict[str, UserState], links: dict[Link, str],
                  sources: dict[str, UserState]) -> None:
-        self.seen = seen
         self.states = states
         self.links = links
         self.sources = sources  # re-mapped ids' states, read only
@@ -205,7 +210,8 @@ def trim_properties(view: EventRow, limit: int) -> None:
 class SessionShard:
     def __init__(self, shard: int, redis: RedisIO, keys: Keys, timeout_s: int, dedup_s: int,
                  clock: Callable[[], float] = time.time, *, lateness_s: int = 60,
-                 shards: int = 1, max_held_view_bytes: int = 4096) -> None:
+                 shards: int = 1, max_held_view_bytes: int = 4096, dedup_bucket_s: int = 3600,
+                 state_cache: int = 20_000) -> None:
         self.shard = shard
         self.max_held_view_bytes = max_held_view_bytes
         self.shards = shards
@@ -215,7 +221,9 @@ class SessionShard:
         self.lateness_ms = lateness_s * 1000
         self.dedup_s = dedup_s
         self.clock = clock
-        self.commit_script = COMMIT
+        self.dedup = ShardDedup(shard, keys, dedup_s, dedup_bucket_s)
+        self.state_cache = state_cache
+        self.cache: OrderedDict[str, UserState] = OrderedDict()  # key → state, least recent first
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -239,13 +247,17 @@ class SessionShard:
         results = iter(await self.redis.execute([["MGET", *group] for group in wanted], check=True))
         return [next(results) if g else [] for g in groups]
 
-    async def _load(self, dedup_keys: list[str], state_keys: list[str], ids: list[Link] | None = None,
+    async def _load(self, state_keys: list[str], ids: list[Link] | None = None,
                     source_keys: list[str] | None = None) -> Loaded:
+        """The states of ``state_keys`` (from memory, else Redis), the alias links of
+        ``ids`` and the states of ``source_keys`` (other shards', read only)."""
         ids, source_keys = ids or [], source_keys or []
         alias = self.keys.alias
-        dedup, raw_states, raw_links, raw_sources = await self._mget(
-            dedup_keys, state_keys, [alias(*i) for i in ids], source_keys)
-        states = {k: _decode_state(v) if v else UserState(0) for k, v in zip(state_keys, raw_states, strict=True)}
+        cache = self.cache
+        missing = [k for k in state_keys if k not in cache]
+        raw_states, raw_links, raw_sources = await self._mget(missing, [alias(*i) for i in ids], source_keys)
+        read = {k: _decode_state(v) if v else UserState(0) for k, v in zip(missing, raw_states, strict=True)}
+        states = {k: read[k] if k in read else cache[k] for k in state_keys}
         sources = {k: _decode_state(v) if v else UserState(0) for k, v in zip(source_keys, raw_sources, strict=True)}
         links = {i: v.decode() for i, v in zip(ids, raw_links, strict=True) if v}
         # Follow chains (a → b, then b → c): another round trip only when links exist.
@@ -257,7 +269,7 @@ class SessionShard:
             asked.update(ask)
             (found,) = await self._mget([alias(*i) for i in ask])
             links.update({i: v.decode() for i, v in zip(ask, found, strict=True) if v})
-        return Loaded([v is not None for v in dedup], states, links, sources)
+        return Loaded(states, links, sources)
 
     # --- identity --------------------------------------------------------------------
 
@@ -451,24 +463,73 @@ class SessionShard:
 
     # --- committing ------------------------------------------------------------------
 
-    async def _commit(self, commit: Commit) -> None:
+    def _commands(self, commit: Commit) -> list[Command]:
+        """The commit as one transaction: plain commands, atomic by MULTI/EXEC."""
         keys, shard = self.keys, self.shard
-        block = (encode_block(Block(commit.events, commit.sessions, commit.profiles, commit.bots))
-                 if commit.rows else b"")
-        script_keys = [keys.buffer(shard), keys.buffer_count(shard), keys.session_index(shard),
-                       *commit.dedup_keys, *commit.aliases, *commit.states]
-        args: list[bytes | int | str] = [self.dedup_s, YEAR, len(commit.dedup_keys), commit.rows, block,
-                                          len(commit.aliases), *commit.aliases.values()]
-        for state in commit.states.values():
-            args += [_encode(state), state.session.seen if state.session is not None else ""]
-        await self.redis.script(self.commit_script, script_keys, args)
+        commands: list[Command] = [["MULTI"], *self.dedup.commands(commit.fingerprints)]
+        commands += [["SET", key, target, "EX", YEAR] for key, target in commit.aliases.items()]
+        adds: list[int | str] = []
+        removes: list[str] = []
+        for key, state in commit.states.items():
+            commands.append(["SET", key, _encode(state), "EX", YEAR])
+            if state.session is None:
+                removes.append(key)
+            else:
+                adds += [state.session.seen, key]
+        if adds:
+            commands.append(["ZADD", keys.session_index(shard), *adds])
+        if removes:
+            commands.append(["ZREM", keys.session_index(shard), *removes])
+        if commit.rows:
+            block = encode_block(Block(commit.events, commit.sessions, commit.profiles, commit.bots))
+            commands += [["XADD", keys.buffer(shard), "*", "n", commit.rows, "d", block],
+                         ["INCRBY", keys.buffer_count(shard), commit.rows]]
+        commands.append(["EXEC"])
+        return commands
+
+    async def _commit(self, commit: Commit) -> None:
+        """Commit, then keep in memory what was committed."""
+        if not commit.fingerprints and not commit.aliases and not commit.states and not commit.rows:
+            return
+        replies = await self.redis.execute(self._commands(commit))
+        for reply in replies:
+            if isinstance(reply, Exception):  # a refused command aborts the whole EXEC
+                raise reply
+        if not isinstance(replies[-1], list):
+            raise RuntimeError(f"session commit: unexpected EXEC reply {replies[-1]!r:.80}")
+        for reply in replies[-1]:
+            if isinstance(reply, Exception):  # applied in part: never expected
+                raise reply
+        self.dedup.committed(commit.fingerprints)
+        cache = self.cache
+        for key, state in commit.states.items():
+            cache[key] = state
+            cache.move_to_end(key)
+        while len(cache) > self.state_cache:
+            cache.popitem(last=False)
+
+    def forget(self) -> None:
+        """Drop what memory may hold that Redis does not: after any failure of a unit (an
+        error, a timeout, a lost connection, a cancellation), whether or not it committed.
+        States are changed in place while a unit is applied, so they go; the dedup bucket
+        the commit wrote to is read again."""
+        self.cache.clear()
+        self.dedup.failed()
 
     async def process(self, items: list[Enriched]) -> Commit:
         """Dedup, sessionize and commit one unit. Safe to re-run after a failure."""
+        try:
+            return await self._process(items)
+        except BaseException:
+            self.forget()
+            raise
+
+    async def _process(self, items: list[Enriched]) -> Commit:
         now = self._now_ms()
         items = sorted(items, key=lambda e: e.row.created_at)
-        keys = self.keys
-        dedup_keys = [keys.dedup(self.shard, e.row.project_id, e.row.message_id) for e in items]
+        await self.dedup.prepare(self.redis, now)
+        prints = [fingerprint(e.row.project_id, e.row.message_id) for e in items]
+        seen = self.dedup.seen(prints)
         events = [(e.row, e.incoming) for e in items if isinstance(e.row, EventRow)]
         state_keys = list(dict.fromkeys(self.state_key(row.project_id, row.device_id) for row, _ in events))
         ids: dict[Link, None] = {}
@@ -480,17 +541,17 @@ class SessionShard:
                 ids[project, row.profile_id] = None
             if row.type == "remap":
                 source_keys.append(self._foreign_state_key(project, incoming.previous_id))
-        loaded = await self._load(dedup_keys, state_keys, list(ids), source_keys)
+        loaded = await self._load(state_keys, list(ids), source_keys)
         states, links = loaded.states, loaded.links
         commit = Commit()
-        fresh: set[str] = set()
+        fresh: set[bytes] = set()
         duplicates = 0
-        for item, dedup_key, was_seen in zip(items, dedup_keys, loaded.seen, strict=True):
-            if was_seen or dedup_key in fresh:
+        for item, mark, was_seen in zip(items, prints, seen, strict=True):
+            if was_seen or mark in fresh:
                 duplicates += 1
                 continue
-            fresh.add(dedup_key)
-            commit.dedup_keys.append(dedup_key)
+            fresh.add(mark)
+            commit.fingerprints.append(mark)
             if isinstance(item.row, BotRow):  # kept aside: deduplicated, not sessionized
                 commit.bots.append(item.row)
                 continue
@@ -504,12 +565,19 @@ class SessionShard:
             self._apply(key, states[key], row, item.incoming, commit, now, links)
         await self._commit(commit)
         metrics.DUPLICATES.inc(duplicates)
-        metrics.STAGE_EVENTS.labels("session").inc(len(commit.dedup_keys))
+        metrics.STAGE_EVENTS.labels("session").inc(len(commit.fingerprints))
         return commit
 
     async def sweep(self, close_all: bool = False) -> Commit | None:
         """Close sessions idle (wall clock) for longer than the timeout; every open one
         with ``close_all`` (a graceful stop that closes sessions)."""
+        try:
+            return await self._sweep(close_all)
+        except BaseException:
+            self.forget()
+            raise
+
+    async def _sweep(self, close_all: bool) -> Commit | None:
         now = self._now_ms()
         index = self.keys.session_index(self.shard)
         cutoff = "+inf" if close_all else now - self.timeout_ms
@@ -518,7 +586,7 @@ class SessionShard:
         if not expired:
             return None
         keys = [k.decode() for k in expired]
-        states = (await self._load([], keys)).states
+        states = (await self._load(keys)).states
         commit = Commit()
         for key in keys:
             state = states[key]
@@ -533,9 +601,10 @@ class SessionShard:
 async def session_actor(shard: SessionShard, to_shard: trio.MemoryReceiveChannel[ShardBatch],
                         receipts: trio.MemorySendChannel[list[Receipt]],
                         notices: trio.MemorySendChannel[Notice], sweep_every: float,
-                        replayed: trio.Event, max_events: int = 500,
-                        close_on_shutdown: bool = False) -> None:
-    """Receive shard batches (coalescing what is queued), commit them, report receipts.
+                        replayed: trio.Event, max_events: int = 2000,
+                        close_on_shutdown: bool = False, linger: float = 0.0) -> None:
+    """Receive shard batches (coalescing what is queued, and what arrives within ``linger``
+    seconds, up to ``max_events``), commit them, report receipts.
     Sweeps wait for the start-up replay: events a previous run accepted may continue
     sessions that look idle by the wall clock. When the to_shard ends (a graceful stop) and
     ``close_on_shutdown`` is set, every open session of the shard is closed first."""
@@ -555,6 +624,8 @@ async def session_actor(shard: SessionShard, to_shard: trio.MemoryReceiveChannel
         if batch is None:
             continue
         batches = take_queued(to_shard, batch, limit=max_events, size=lambda b: len(b.events))
+        if linger > 0:
+            await _linger(to_shard, batches, max_events, linger)
         items = [e for b in batches for e in b.events]
         commit = await retrying(f"session-{shard.shard} commit", shard.process, items)
         finished = count_down([r for b in batches for r in b.receipts])
@@ -571,6 +642,24 @@ async def session_actor(shard: SessionShard, to_shard: trio.MemoryReceiveChannel
                 notices.send_nowait(Notice("event:received", commit.events, held=held))
             except trio.WouldBlock:
                 metrics.PUBLISH_DROPPED.inc()
+
+
+async def _linger(inbox: trio.MemoryReceiveChannel[ShardBatch], batches: list[ShardBatch],
+                  max_events: int, seconds: float) -> None:
+    """Add to ``batches`` what arrives within ``seconds``, until ``max_events``: a bigger unit
+    shares one read and one commit. An inbox that ends keeps its end for the next receive."""
+    total = sum(len(b.events) for b in batches)
+    with trio.move_on_after(seconds):
+        while total < max_events:
+            try:
+                more = await inbox.receive()
+            except trio.EndOfChannel:
+                return
+            batches.append(more)
+            total += len(more.events)
+            for queued in take_queued(inbox, more, limit=max_events - total, size=lambda b: len(b.events))[1:]:
+                batches.append(queued)
+                total += len(queued.events)
 
 
 def _ids(state_key: str) -> tuple[str, str]:
@@ -595,11 +684,13 @@ def start_shard_actors(nursery: trio.Nursery, supervise: Callable[..., Awaitable
     """One supervised ``session-N`` actor per shard of ``inboxes``, in the service or in a
     session worker alike: each restarts on its own, so a shard's crash costs that shard's
     batch in hand. Each gets its own clones of ``receipts`` and ``notices``, closed when it ends."""
-    actor = functools.partial(session_actor, close_on_shutdown=pipe.close_sessions_on_shutdown)
+    actor = functools.partial(session_actor, close_on_shutdown=pipe.close_sessions_on_shutdown,
+                              max_events=pipe.session_unit_events, linger=pipe.session_linger_ms / 1000)
     for index, to_shard in inboxes.items():
         shard = SessionShard(index, redis, keys, pipe.session_timeout_seconds, pipe.dedup_window_seconds,
                              lateness_s=pipe.lateness_seconds, shards=pipe.session_shards,
-                             max_held_view_bytes=pipe.max_held_view_bytes)
+                             max_held_view_bytes=pipe.max_held_view_bytes,
+                             dedup_bucket_s=pipe.dedup_bucket_seconds, state_cache=pipe.session_state_cache)
         r, n = receipts.clone(), notices.clone()
         nursery.start_soon(functools.partial(
             supervise, f"session-{index}", actor, shard, to_shard, r, n, pipe.session_sweep_seconds,

@@ -44,8 +44,10 @@ class Keys:
     def user_state(self, shard: int, project: str, device: str) -> str:
         return f"{self.shard(shard)}:u:{project}:{device}"
 
-    def dedup(self, shard: int, project: str, message_id: str) -> str:
-        return f"{self.shard(shard)}:d:{project}:{message_id}"
+    def dedup(self, shard: int, bucket: int) -> str:
+        # string: the 8-byte fingerprints of the (project, messageId) committed in one time
+        # bucket, appended; it expires with the dedup window
+        return f"{self.shard(shard)}:dd:{bucket}"
 
     def alias(self, project: str, previous_id: str) -> str:
         # not per shard: any shard resolves ids through it (written by the alias's shard)

@@ -2,8 +2,9 @@
 loaded again on NOSCRIPT) and run one way: ``RedisIO.script``/``scripts`` (the trio-native
 client where it can, else redis-py in a worker thread); ``run_sync`` for the command line.
 
-Each runs where atomicity needs it: the entry and its counter, the commit of a unit of
-work, the flush plan, the removal of what is done. ``KEYS``/``ARGV`` are described above
+Each runs where atomicity needs it and plain commands cannot do: the entry and its
+counter, the flush plan, the removal of what is done (the session commit is a plain
+MULTI/EXEC, in ``pipeline.sessions``). ``KEYS``/``ARGV`` are described above
 each script.
 """
 
@@ -25,43 +26,6 @@ APPEND = Script("""
 local id = redis.call('XADD', KEYS[1], '*', 'n', ARGV[1], 'e', ARGV[2])
 redis.call('INCRBY', KEYS[2], tonumber(ARGV[1]))
 return id
-""")
-
-
-# KEYS: buffer stream, buffer count, session index, dedup keys…, alias keys…, state keys…
-# ARGV: dedup ttl, state ttl, number of dedup keys, rows, block, number of alias keys, then
-# per alias key its target, then per state key its value and its index score ("" when it
-# has no open session: leave the index).
-COMMIT = Script("""
-local nd = tonumber(ARGV[3])
-local na = tonumber(ARGV[6])
-for i = 1, nd do
-  redis.call('SET', KEYS[3 + i], '1', 'EX', ARGV[1])
-end
-local a = 7
-for i = 4 + nd, 3 + nd + na do
-  redis.call('SET', KEYS[i], ARGV[a], 'EX', ARGV[2])
-  a = a + 1
-end
-local adds, removes = {}, {}
-for i = 4 + nd + na, #KEYS do
-  redis.call('SET', KEYS[i], ARGV[a], 'EX', ARGV[2])
-  if ARGV[a + 1] == '' then
-    removes[#removes + 1] = KEYS[i]
-  else
-    adds[#adds + 1] = ARGV[a + 1]
-    adds[#adds + 1] = KEYS[i]
-  end
-  a = a + 2
-end
-if #adds > 0 then redis.call('ZADD', KEYS[3], unpack(adds)) end
-if #removes > 0 then redis.call('ZREM', KEYS[3], unpack(removes)) end
-local rows = tonumber(ARGV[4])
-if rows > 0 then
-  redis.call('XADD', KEYS[1], '*', 'n', ARGV[4], 'd', ARGV[5])
-  redis.call('INCRBY', KEYS[2], rows)
-end
-return rows
 """)
 
 
