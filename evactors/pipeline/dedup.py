@@ -57,7 +57,7 @@ class ShardDedup:
         return now_ms // 1000 // self.bucket_s
 
     def expires_at(self, bucket: int) -> int:
-        """Unix seconds when a bucket leaves the window (its key's EXPIREAT)."""
+        """Unix seconds (of this actor's clock) when a bucket leaves the window."""
         return (bucket + 1) * self.bucket_s + self.window_s
 
     def _live(self, now_ms: int) -> range:
@@ -125,12 +125,13 @@ class ShardDedup:
         fresh = self.fresh
         return [h or q in fresh for h, q in zip(hit.tolist(), query.tolist(), strict=True)]
 
-    def commands(self, prints: Sequence[bytes]) -> list[Command]:
+    def commands(self, prints: Sequence[bytes], now_ms: int) -> list[Command]:
         """What the commit writes for the accepted ``prints`` (in the current bucket)."""
         if not prints:
             return []
         key = self.keys.dedup(self.shard, self.current)
-        return [["APPEND", key, b"".join(prints)], ["EXPIREAT", key, self.expires_at(self.current)]]
+        ttl = max(1, self.expires_at(self.current) - now_ms // 1000)
+        return [["APPEND", key, b"".join(prints)], ["EXPIRE", key, ttl]]
 
     def committed(self, prints: Sequence[bytes]) -> None:
         self.fresh.update(np.frombuffer(b"".join(prints), dtype=_DTYPE).tolist())

@@ -37,6 +37,7 @@ from typing import Any
 import msgspec
 import trio
 
+from evactors.core.channels import take_queued
 from evactors.core.messages import Enriched, Receipt, ShardBatch, count_down
 from evactors.core.model import BotRow, Context, EventRow, Incoming
 from evactors.ops import metrics
@@ -218,6 +219,7 @@ async def worker_link(params: WorkerParams, inboxes: dict[int, trio.MemoryReceiv
     seq = 0
     write = trio.Lock()
     crashed: str | None = None
+    unit_events = int(params.pipeline.get("session_unit_events", 2000))
 
     async def send(data: bytes) -> None:
         async with write:
@@ -225,7 +227,11 @@ async def worker_link(params: WorkerParams, inboxes: dict[int, trio.MemoryReceiv
 
     async def feed(shard: int, inbox: trio.MemoryReceiveChannel[ShardBatch]) -> None:
         nonlocal seq
-        async for batch in inbox:
+        async for first in inbox:
+            # what queued meanwhile goes in the same frame: one encode, one decode, one unit
+            taken = take_queued(inbox, first, limit=unit_events, size=lambda b: len(b.events))
+            batch = first if len(taken) == 1 else ShardBatch([e for b in taken for e in b.events],
+                                                              [r for b in taken for r in b.receipts])
             seq += 1
             pending[seq] = batch.receipts
             try:

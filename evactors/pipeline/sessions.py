@@ -466,7 +466,7 @@ class SessionShard:
     def _commands(self, commit: Commit) -> list[Command]:
         """The commit as one transaction: plain commands, atomic by MULTI/EXEC."""
         keys, shard = self.keys, self.shard
-        commands: list[Command] = [["MULTI"], *self.dedup.commands(commit.fingerprints)]
+        commands: list[Command] = [["MULTI"], *self.dedup.commands(commit.fingerprints, self._now_ms())]
         commands += [["SET", key, target, "EX", YEAR] for key, target in commit.aliases.items()]
         adds: list[int | str] = []
         removes: list[str] = []

@@ -6,6 +6,7 @@ import uuid
 from typing import Any
 
 import pytest
+import redis as redis_py
 import trio
 
 from evactors.core.blocks import decode_block
@@ -346,3 +347,113 @@ async def test_a_burst_of_views_holds_at_most_eight(shard: SessionShard) -> None
     assert saved == [(f"/{i}", 1000) for i in range(12 - MAX_HELD_VIEWS)]
     state = _decode_state(shard.redis.client.get(shard.state_key("p", "d1")))
     assert len(state.session.held()) == MAX_HELD_VIEWS == 8
+
+
+class ReplyCutter:
+    """A TCP relay in front of the real server that, when armed, lets one transaction reach
+    the server and cuts the connection before its reply comes back: a commit that happened
+    with an outcome the client cannot know."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        self.armed = False
+        self.cut = 0
+
+    async def serve(self, nursery: trio.Nursery) -> int:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        nursery.start_soon(trio.serve_listeners, self._relay, listeners)
+        return int(listeners[0].socket.getsockname()[1])
+
+    async def _relay(self, client: trio.SocketStream) -> None:
+        server = await trio.open_unix_socket(self.socket_path)
+        async with client, server, trio.open_nursery() as nursery:
+            async def up() -> None:
+                while data := await client.receive_some(1 << 16):
+                    await server.send_all(data)
+                nursery.cancel_scope.cancel()
+
+            async def down() -> None:
+                while data := await server.receive_some(1 << 16):
+                    if self.armed and data.startswith(b"+OK\r\n+QUEUED"):  # MULTI's replies: a commit
+                        self.armed = False
+                        self.cut += 1
+                        nursery.cancel_scope.cancel()
+                        return
+                    await client.send_all(data)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(up)
+            nursery.start_soon(down)
+
+
+async def test_a_commit_whose_reply_is_lost_is_retried_exactly_once(valkey: Any) -> None:
+    """The commit reaches Redis and is applied, the reply never comes back: the shard must
+    not keep the states it changed for that attempt, nor miss the dedup it wrote."""
+    from evactors.pipeline.sessions import _decode_state
+    from evactors.store.redis_io import retrying
+
+    cutter = ReplyCutter(str(valkey.unix_socket_path))
+    async with trio.open_nursery() as nursery:
+        port = await cutter.serve(nursery)
+        redis = RedisIO(f"redis://127.0.0.1:{port}/0", 5)  # the shard's commands go through the relay
+        redis.client.close()
+        redis.client = redis_py.Redis(unix_socket_path=str(valkey.unix_socket_path))  # the test's reads do not
+        shard = SessionShard(0, redis, Keys("t"), timeout_s=1800, dedup_s=3600, clock=Clock())
+        shard.enricher = _enricher()  # type: ignore[attr-defined]
+        await feed(shard, *[incoming("track", T0 + i, name="First") for i in range(5)])
+        second = [incoming("track", T0 + MIN + i, name="Second") for i in range(7)]
+        items = [Enriched(shard.enricher.enrich(e), e, 0) for e in second]  # type: ignore[attr-defined]
+        cutter.armed = True
+        await retrying("test commit", shard.process, items)
+        assert cutter.cut == 1  # the first attempt did commit, unknown to the shard
+        names = [e.name for e in rows(buffered(shard))]
+        assert names == ["First"] * 5 + ["Second"] * 7  # the retry found its events committed
+        state = _decode_state(shard.redis.client.get(shard.state_key("p", "d1")))
+        assert state.session is not None and state.session.events == 12
+        await feed(shard, incoming("track", T0 + 2 * MIN, name="Third"))  # and it goes on from there
+        state = _decode_state(shard.redis.client.get(shard.state_key("p", "d1")))
+        assert state.session is not None and state.session.events == 13 and state.sessions == 1
+        redis.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_refused_commit_leaves_no_state_behind_in_memory(shard: SessionShard) -> None:
+    """Redis refuses the whole transaction (full: OOM): the retry must start from the
+    committed states, not from what the failed attempt did to them in memory."""
+    from evactors.pipeline.sessions import _decode_state
+    from evactors.store.redis_io import retrying
+
+    await feed(shard, *[incoming("page", T0 + i, properties={"path": f"/{i}"}) for i in range(3)])
+    items = [Enriched(shard.enricher.enrich(e), e, 0)  # type: ignore[attr-defined]
+             for e in [incoming("track", T0 + 10 + i, name="Later") for i in range(4)]]
+    client = shard.redis.client
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", 1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(retrying, "test commit", shard.process, items)
+        await trio.sleep(0.3)  # refused (OOM), backing off
+        assert not any(e.name == "Later" for e in rows(buffered(shard)))
+        client.config_set("maxmemory", 0)
+    state = _decode_state(client.get(shard.state_key("p", "d1")))
+    assert state.session is not None and (state.session.events, state.session.pages) == (7, 3)
+    assert [e.name for e in rows(buffered(shard))].count("Later") == 4
+
+
+async def test_states_come_from_memory_after_first_sight(shard: SessionShard) -> None:
+    """A known visitor's state is not read again: a unit reads only the alias links."""
+    await feed(shard, incoming("track", T0, name="One"))
+    shard.redis.client.delete(shard.state_key("p", "d1"))  # memory is the truth while the actor lives
+    events = rows(await feed(shard, incoming("track", T0 + MIN, name="Two")))
+    assert events[0].session_id == events[1].session_id and events[1].is_new_session == 0
+    assert shard.redis.client.exists(shard.state_key("p", "d1"))  # written through again
+
+
+async def test_the_state_cache_is_bounded(valkey: Any) -> None:
+    redis = RedisIO(f"unix://{valkey.unix_socket_path}", 5)
+    shard = SessionShard(0, redis, Keys("t"), timeout_s=1800, dedup_s=3600, clock=Clock(), state_cache=10)
+    shard.enricher = _enricher()  # type: ignore[attr-defined]
+    await feed(shard, *[incoming("track", T0 + i, device=f"v{i}") for i in range(25)])
+    assert len(shard.cache) == 10
+    assert list(shard.cache) == [shard.state_key("p", f"v{i}") for i in range(15, 25)]  # the most recent
+    events = rows(await feed(shard, incoming("track", T0 + MIN, device="v0")))  # read back from Redis
+    assert events[-1].session_number == 1 and events[-1].is_new_session == 0
