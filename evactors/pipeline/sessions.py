@@ -42,7 +42,7 @@ from evactors.core.messages import Enriched, Notice, Receipt, ShardBatch, count_
 from evactors.core.model import BotRow, EventRow, Incoming, ProfileRow, SessionRow, event_id, flatten, session_id
 from evactors.core.sharding import shard_of
 from evactors.ops import metrics
-from evactors.pipeline.dedup import ShardDedup, fingerprint
+from evactors.store.dedup import ShardDedup, fingerprint
 from evactors.store.keys import Keys
 from evactors.store.redis_io import RedisIO, retrying
 from evactors.store.resp import Command

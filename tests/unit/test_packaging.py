@@ -20,7 +20,7 @@ def test_the_service_declares_none_of_the_harness_libraries() -> None:
         assert name not in core
     for name in ("py-spy", "uvloop", "hdrhistogram", "psutil", "matplotlib", "rich"):
         assert name in harness
-    assert "numpy" in core  # the service's dedup window (pipeline/dedup.py); the harness uses it too
+    assert "numpy" in core  # the service's dedup window (store/dedup.py); the harness uses it too
 
 
 def test_running_the_service_loads_no_harness_library() -> None:
