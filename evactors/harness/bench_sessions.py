@@ -3,9 +3,11 @@
 Starts its own embedded Valkey, opens N sessions through the real session actor code
 (``SessionShard.process``: one page view for each of N distinct visitors, enriched as the
 service enriches them) and reports ``used_memory`` growth per session, what each kind of
-key costs (``MEMORY USAGE`` on samples: user state, session index entry, dedup marker, …)
-and the size of the encoded session state. Keys are classified by name, so it measures
-whatever layout the session actor writes.
+key costs (``MEMORY USAGE`` on samples: user state, session index entry, dedup window, …)
+and the size of the encoded session state; then closes every session (as a sweep does)
+and reports what an idle visitor keeps (its state: session count, profile, last closed
+session). Keys are classified by name, so it measures whatever layout the session actor
+writes.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ AGENTS = [
 
 
 # shard-scoped key kinds (the segment after ``{sN}:``), named for the report
-KINDS = {"u": "state", "idx": "session index", "d": "dedup marker", "buf": "buffer"}
+KINDS = {"u": "state", "idx": "session index", "d": "dedup marker", "dd": "dedup window", "buf": "buffer"}
 
 
 SAMPLE = 1000
@@ -154,12 +156,20 @@ def run(sessions: int, batch: int) -> dict[str, Any]:
             after = _used_memory(client)
             open_sessions = int(client.zcard(keys.session_index(0))) - len(warmup)
             by_kind = measure_keys(client, prefix, sessions, skip="warmup")
+
+            async def close_all() -> None:
+                while await shard.sweep(close_all=True) is not None:
+                    pass
+
+            trio.run(close_all)
+            idle = measure_keys(client, prefix, sessions, skip="warmup")
             version = client.info("server").get("valkey_version") or client.info("server").get("redis_version")
         finally:
             redis.close()
             server.stop()
     attributed = sum(v["bytes_per_session"] for v in by_kind.values())
     state = by_kind.get("state", {})
+    dedup = by_kind.get("dedup window") or by_kind.get("dedup marker") or {}
     return {
         "sessions": sessions, "open_sessions": open_sessions, "batch": batch, "valkey": version,
         "used_memory_before": before, "used_memory_after": after,
@@ -167,6 +177,9 @@ def run(sessions: int, batch: int) -> dict[str, Any]:
         "by_key_type": by_kind,
         "attributed_bytes_per_session": round(attributed, 1),
         "state_encoding_bytes": state.get("value_bytes_avg"),
+        "dedup_bytes_per_event": dedup.get("bytes_per_session"),  # one event per session here
+        "idle_visitor_bytes": idle.get("state", {}).get("bytes_per_session"),
+        "idle_state_encoding_bytes": idle.get("state", {}).get("value_bytes_avg"),
         "build_seconds": round(built, 2), "process_seconds": round(seconds, 2),
         "sessions_per_second": round(sessions / seconds),
     }
@@ -199,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  by MEMORY USAGE {r['attributed_bytes_per_session']:,} bytes/session; the rest is the "
           f"keyspace's own tables (dict entries, expiry times)")
     print(f"session state encoding: {r['state_encoding_bytes']} bytes per state value")
+    print(f"dedup window: {r['dedup_bytes_per_event']} bytes per event (MEMORY USAGE)")
+    print(f"idle visitor (every session closed): {r['idle_visitor_bytes']} bytes per visitor "
+          f"(state value {r['idle_state_encoding_bytes']} bytes, no index entry)")
     return 0
 
 

@@ -224,6 +224,7 @@ class SessionShard:
         self.dedup = ShardDedup(shard, keys, dedup_s, dedup_bucket_s)
         self.state_cache = state_cache
         self.cache: OrderedDict[str, UserState] = OrderedDict()  # key → state, least recent first
+        self.commits: int | None = None  # the shard's commit count after our last commit
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -466,7 +467,8 @@ class SessionShard:
     def _commands(self, commit: Commit) -> list[Command]:
         """The commit as one transaction: plain commands, atomic by MULTI/EXEC."""
         keys, shard = self.keys, self.shard
-        commands: list[Command] = [["MULTI"], *self.dedup.commands(commit.fingerprints, self._now_ms())]
+        commands: list[Command] = [["MULTI"], ["INCR", keys.commits(shard)],
+                                   *self.dedup.commands(commit.fingerprints, self._now_ms())]
         commands += [["SET", key, target, "EX", YEAR] for key, target in commit.aliases.items()]
         adds: list[int | str] = []
         removes: list[str] = []
@@ -500,6 +502,16 @@ class SessionShard:
         for reply in replies[-1]:
             if isinstance(reply, Exception):  # applied in part: never expected
                 raise reply
+        count = replies[-1][0]
+        if self.commits is not None and count != self.commits + 1:
+            # Redis lost writes (a restart without them) or another writer: memory may be
+            # ahead of Redis; this commit stands, what follows starts from Redis
+            log.warning("session-%d: commit count %d after %d: reading the shard's state again",
+                        self.shard, count, self.commits)
+            self.forget(everything=True)
+            self.commits = count
+            return
+        self.commits = count
         self.dedup.committed(commit.fingerprints)
         cache = self.cache
         for key, state in commit.states.items():
@@ -508,13 +520,16 @@ class SessionShard:
         while len(cache) > self.state_cache:
             cache.popitem(last=False)
 
-    def forget(self) -> None:
+    def forget(self, everything: bool = False) -> None:
         """Drop what memory may hold that Redis does not: after any failure of a unit (an
         error, a timeout, a lost connection, a cancellation), whether or not it committed.
         States are changed in place while a unit is applied, so they go; the dedup bucket
-        the commit wrote to is read again."""
+        the commit wrote to is read again (``everything``: the whole window)."""
         self.cache.clear()
+        self.commits = None
         self.dedup.failed()
+        if everything:
+            self.dedup.loaded = False
 
     async def process(self, items: list[Enriched]) -> Commit:
         """Dedup, sessionize and commit one unit. Safe to re-run after a failure."""

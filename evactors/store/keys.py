@@ -41,6 +41,11 @@ class Keys:
     def session_index(self, shard: int) -> str:
         return f"{self.shard(shard)}:idx"  # zset: open session → last activity (wall ms)
 
+    def commits(self, shard: int) -> str:
+        # commits of the shard, counted by each: a count that does not follow tells the
+        # actor that Redis lost writes (or another writer): its memory is dropped
+        return f"{self.shard(shard)}:commits"
+
     def user_state(self, shard: int, project: str, device: str) -> str:
         return f"{self.shard(shard)}:u:{project}:{device}"
 

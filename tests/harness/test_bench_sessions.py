@@ -15,7 +15,9 @@ def test_bench_sessions_reports_sane_memory_per_session() -> None:
     assert 0 < r["bytes_per_session"] < 20_000
     kinds = r["by_key_type"]
     assert kinds["state"]["bytes_per_session"] > 0 and 0 < r["state_encoding_bytes"] < r["bytes_per_session"]
-    assert kinds["dedup marker"]["keys"] == 2000  # one page view each
+    assert "dedup marker" not in kinds and kinds["dedup window"]["keys"] == 1  # one string per bucket
+    assert 8 <= r["dedup_bytes_per_event"] <= 24  # 8-byte fingerprints, one page view each
+    assert 0 < r["idle_visitor_bytes"] < kinds["state"]["bytes_per_session"]  # closed: no held views
     assert kinds["session index"]["members"] >= 2000
     # MEMORY USAGE of the keys accounts for most of the growth, and never for more than all of it
     assert 0.5 * r["bytes_per_session"] < r["attributed_bytes_per_session"] <= 1.1 * r["bytes_per_session"]

@@ -11,8 +11,8 @@ import pytest
 from test_sessions import T0, Clock, _enricher, buffered, incoming, rows
 
 from evactors.core.messages import Enriched
-from evactors.store.dedup import ShardDedup, fingerprint
 from evactors.pipeline.sessions import SessionShard
+from evactors.store.dedup import ShardDedup, fingerprint
 from evactors.store.keys import Keys
 from evactors.store.redis_io import RedisIO
 

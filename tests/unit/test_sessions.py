@@ -457,3 +457,16 @@ async def test_the_state_cache_is_bounded(valkey: Any) -> None:
     assert list(shard.cache) == [shard.state_key("p", f"v{i}") for i in range(15, 25)]  # the most recent
     events = rows(await feed(shard, incoming("track", T0 + MIN, device="v0")))  # read back from Redis
     assert events[-1].session_number == 1 and events[-1].is_new_session == 0
+
+
+async def test_a_redis_that_lost_writes_is_read_again(shard: SessionShard) -> None:
+    """Redis comes back without the last commits (here: emptied): the commit count tells the
+    shard, which drops its memory, so the replay of the lost events is kept, not taken for
+    duplicates by a dedup window that Redis no longer has."""
+    lost = [incoming("track", T0 + i, name="Lost", device=f"d{i}") for i in range(3)]
+    await feed(shard, *lost)
+    shard.redis.client.flushdb()  # the buffer rows and their dedup went with it
+    await feed(shard, incoming("track", T0 + MIN, name="After"))  # the count does not follow
+    assert shard.commits == 1 and not shard.cache and not shard.dedup.loaded
+    await feed(shard, *lost)  # their ingest entry is replayed
+    assert sorted(e.name for e in rows(buffered(shard))) == ["After", "Lost", "Lost", "Lost"]
