@@ -670,11 +670,9 @@ async def _linger(inbox: trio.MemoryReceiveChannel[ShardBatch], batches: list[Sh
                 more = await inbox.receive()
             except trio.EndOfChannel:
                 return
-            batches.append(more)
-            total += len(more.events)
-            for queued in take_queued(inbox, more, limit=max_events - total, size=lambda b: len(b.events))[1:]:
-                batches.append(queued)
-                total += len(queued.events)
+            taken = take_queued(inbox, more, limit=max_events - total, size=lambda b: len(b.events))
+            batches.extend(taken)
+            total += sum(len(b.events) for b in taken)
 
 
 def _ids(state_key: str) -> tuple[str, str]:
