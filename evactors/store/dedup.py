@@ -75,6 +75,8 @@ class ShardDedup:
         if self.current != now:
             self._seal()
             self.current = now
+        if not self.loaded:
+            await self._migrate(redis, now_ms)
         wanted = list(live) if not self.loaded else sorted(self.stale & set(live))
         if wanted:
             (values,) = await redis.execute([["MGET", *(self.keys.dedup(self.shard, b) for b in wanted)]],
@@ -90,6 +92,31 @@ class ShardDedup:
             self.stale.clear()
         for b in [b for b in self.runs if b < live.start]:
             del self.runs[b]
+
+    async def _migrate(self, redis: RedisIO, now_ms: int) -> None:
+        """Markers of the layout before (a string key per messageId, ``{sN}:d:PROJECT:ID``)
+        become fingerprints of the current bucket, once per shard (recorded in the meta
+        hash): an SDK retrying across the upgrade is still deduplicated."""
+        field = f"dedup_fingerprints_s{self.shard}"
+        if await redis.run(redis.client.hget, self.keys.meta, field):
+            return
+        prefix = f"{self.keys.shard(self.shard)}:d:"
+
+        def scan() -> list[bytes]:
+            return list(redis.client.scan_iter(match=f"{prefix}*", count=10_000))
+
+        found = await redis.run(scan)
+        key = self.keys.dedup(self.shard, self.current)
+        ttl = max(1, self.expires_at(self.current) - now_ms // 1000)
+        for start in range(0, len(found), 10_000):
+            chunk = found[start:start + 10_000]
+            prints = []
+            for raw in chunk:
+                project, _, message_id = raw.decode(errors="replace")[len(prefix):].partition(":")
+                prints.append(fingerprint(project, message_id))
+            await redis.execute([["MULTI"], ["APPEND", key, b"".join(prints)], ["EXPIRE", key, ttl],
+                                 ["UNLINK", *chunk], ["EXEC"]], check=True)
+        await redis.run(redis.client.hset, self.keys.meta, field, 1)
 
     def _spill(self) -> None:
         """The fresh set becomes a run of its bucket."""

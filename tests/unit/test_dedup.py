@@ -114,3 +114,16 @@ def test_no_false_drop_over_a_million_ids() -> None:
     runs = [len(r) for rs in dedup.runs.values() for r in rs]
     assert sum(runs) + len(dedup.fresh) == total
     assert max(len(rs) for rs in dedup.runs.values()) <= 5  # merged as they grow
+
+
+async def test_markers_of_the_layout_before_still_deduplicate(redis: RedisIO) -> None:
+    """An upgrade: the per-messageId markers written before become fingerprints, once."""
+    client = redis.client
+    for i in range(30):
+        client.set(f"t:{{s0}}:d:p:old{i}", "1", ex=HOUR)
+    client.set("t:{s1}:d:p:other", "1", ex=HOUR)  # another shard's: left to it
+    shard = new_shard(redis, Clock())
+    assert await send(shard, [f"old{i}" for i in range(30)] + ["new"]) == 1
+    assert not list(client.scan_iter(match="t:{s0}:d:*")) and client.exists("t:{s1}:d:p:other")
+    client.set("t:{s0}:d:p:later", "1")  # not looked for again
+    assert await send(new_shard(redis, Clock()), ["old3", "later"]) == 1
