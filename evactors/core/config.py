@@ -187,11 +187,6 @@ class PipelineConfig(_Section):
     session_state_cache: Annotated[int, Doc(
         "User states each session shard keeps in memory (least recently used go first); a "
         "state not in memory is read from Redis.")] = 20_000
-    session_unit_events: Annotated[int, Doc(
-        "Most events a session shard takes into one unit of work (one read, one commit).")] = 2000
-    session_linger_ms: Annotated[float, Doc(
-        "How long a session shard waits for more events before it starts a unit smaller than "
-        "session_unit_events (milliseconds; 0: it takes only what is queued).")] = 2.0
     session_timeout_seconds: Annotated[int, Doc(
         "A session ends after this many seconds without an event.")] = 30 * 60
     session_sweep_seconds: Annotated[float, Doc("Seconds between sweeps that close idle sessions.")] = 10.0
@@ -479,8 +474,6 @@ def validate(c: Config) -> None:
         ("pipeline.dedup_window_seconds", c.pipeline.dedup_window_seconds),
         ("pipeline.dedup_bucket_seconds", c.pipeline.dedup_bucket_seconds),
         ("pipeline.session_state_cache", c.pipeline.session_state_cache),
-        ("pipeline.session_unit_events", c.pipeline.session_unit_events),
-        ("pipeline.session_linger_ms", c.pipeline.session_linger_ms + 1),  # 0 is allowed
         ("pipeline.session_timeout_seconds", c.pipeline.session_timeout_seconds),
         ("pipeline.session_sweep_seconds", c.pipeline.session_sweep_seconds),
         ("pipeline.lateness_seconds", c.pipeline.lateness_seconds + 1),  # 0 is allowed

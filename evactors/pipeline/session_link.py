@@ -219,7 +219,7 @@ async def worker_link(params: WorkerParams, inboxes: dict[int, trio.MemoryReceiv
     seq = 0
     write = trio.Lock()
     crashed: str | None = None
-    unit_events = int(params.pipeline.get("session_unit_events", 2000))
+    unit_events = int(params.pipeline.get("unit_events", 2000))
 
     async def send(data: bytes) -> None:
         async with write:

@@ -617,9 +617,9 @@ async def session_actor(shard: SessionShard, to_shard: trio.MemoryReceiveChannel
                         receipts: trio.MemorySendChannel[list[Receipt]],
                         notices: trio.MemorySendChannel[Notice], sweep_every: float,
                         replayed: trio.Event, max_events: int = 2000,
-                        close_on_shutdown: bool = False, linger: float = 0.0) -> None:
-    """Receive shard batches (coalescing what is queued, and what arrives within ``linger``
-    seconds, up to ``max_events``), commit them, report receipts.
+                        close_on_shutdown: bool = False) -> None:
+    """Receive shard batches (coalescing what is queued, up to ``max_events``), commit
+    them, report receipts.
     Sweeps wait for the start-up replay: events a previous run accepted may continue
     sessions that look idle by the wall clock. When the to_shard ends (a graceful stop) and
     ``close_on_shutdown`` is set, every open session of the shard is closed first."""
@@ -639,8 +639,6 @@ async def session_actor(shard: SessionShard, to_shard: trio.MemoryReceiveChannel
         if batch is None:
             continue
         batches = take_queued(to_shard, batch, limit=max_events, size=lambda b: len(b.events))
-        if linger > 0:
-            await _linger(to_shard, batches, max_events, linger)
         items = [e for b in batches for e in b.events]
         commit = await retrying(f"session-{shard.shard} commit", shard.process, items)
         finished = count_down([r for b in batches for r in b.receipts])
@@ -657,22 +655,6 @@ async def session_actor(shard: SessionShard, to_shard: trio.MemoryReceiveChannel
                 notices.send_nowait(Notice("event:received", commit.events, held=held))
             except trio.WouldBlock:
                 metrics.PUBLISH_DROPPED.inc()
-
-
-async def _linger(inbox: trio.MemoryReceiveChannel[ShardBatch], batches: list[ShardBatch],
-                  max_events: int, seconds: float) -> None:
-    """Add to ``batches`` what arrives within ``seconds``, until ``max_events``: a bigger unit
-    shares one read and one commit. An inbox that ends keeps its end for the next receive."""
-    total = sum(len(b.events) for b in batches)
-    with trio.move_on_after(seconds):
-        while total < max_events:
-            try:
-                more = await inbox.receive()
-            except trio.EndOfChannel:
-                return
-            taken = take_queued(inbox, more, limit=max_events - total, size=lambda b: len(b.events))
-            batches.extend(taken)
-            total += sum(len(b.events) for b in taken)
 
 
 def _ids(state_key: str) -> tuple[str, str]:
@@ -698,7 +680,7 @@ def start_shard_actors(nursery: trio.Nursery, supervise: Callable[..., Awaitable
     session worker alike: each restarts on its own, so a shard's crash costs that shard's
     batch in hand. Each gets its own clones of ``receipts`` and ``notices``, closed when it ends."""
     actor = functools.partial(session_actor, close_on_shutdown=pipe.close_sessions_on_shutdown,
-                              max_events=pipe.session_unit_events, linger=pipe.session_linger_ms / 1000)
+                              max_events=pipe.unit_events)
     for index, to_shard in inboxes.items():
         shard = SessionShard(index, redis, keys, pipe.session_timeout_seconds, pipe.dedup_window_seconds,
                              lateness_s=pipe.lateness_seconds, shards=pipe.session_shards,

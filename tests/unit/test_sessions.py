@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import uuid
 from typing import Any
 
@@ -471,32 +470,3 @@ async def test_a_redis_that_lost_writes_is_read_again(shard: SessionShard) -> No
     assert shard.commits == 1 and not shard.cache and not shard.dedup.loaded
     await feed(shard, *lost)  # their ingest entry is replayed
     assert sorted(e.name for e in rows(buffered(shard))) == ["After", "Lost", "Lost", "Lost"]
-
-
-@pytest.mark.parametrize("linger", [0.0, 0.5])
-async def test_the_actor_lingers_for_a_bigger_unit(shard: SessionShard, linger: float) -> None:
-    """Batches arriving within the linger go into one unit: one commit, one buffer entry."""
-    from evactors.core.messages import Receipt, ShardBatch
-    from evactors.pipeline.sessions import session_actor
-
-    inbox_tx, inbox_rx = trio.open_memory_channel[ShardBatch](4)
-    done_tx, done_rx = trio.open_memory_channel[Any](100)
-    notice_tx, _ = trio.open_memory_channel[Any](100)
-    replayed = trio.Event()
-
-    def batch(name: str, entry: str) -> ShardBatch:
-        events = [incoming("track", T0, name=name, device=f"{name}{i}") for i in range(3)]
-        return ShardBatch([Enriched(shard.enricher.enrich(e), e, 0) for e in events],  # type: ignore[attr-defined]
-                          [Receipt(entry, 3, 1)])
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(functools.partial(session_actor, shard, inbox_rx, done_tx, notice_tx, 60.0, replayed,
-                                             linger=linger))
-        await inbox_tx.send(batch("A", "1-0"))
-        await trio.sleep(0.1)
-        await inbox_tx.send(batch("B", "2-0"))
-        finished = [r.entry_id for _ in range(1 if linger else 2) for r in await done_rx.receive()]
-        assert sorted(finished) == ["1-0", "2-0"]
-        nursery.cancel_scope.cancel()
-    assert shard.redis.client.xlen(shard.keys.buffer(0)) == (1 if linger else 2)
-    assert len(rows(buffered(shard))) == 6
