@@ -19,12 +19,30 @@ import hashlib
 from collections.abc import Sequence
 
 import numpy as np
+import trio
 
 from evactors.store.keys import Keys
 from evactors.store.redis_io import RedisIO
 from evactors.store.resp import Command
 
 _DTYPE = np.dtype("<u8")
+
+
+READ_CHUNK = 16 << 20  # bytes per GETRANGE: a bucket of a busy hour is read in pieces
+
+
+async def _read(redis: RedisIO, key: str) -> bytes:
+    parts: list[bytes] = []
+    while True:
+        offset = sum(len(p) for p in parts)
+        (part,) = await redis.execute([["GETRANGE", key, offset, offset + READ_CHUNK - 1]], check=True)
+        parts.append(part)
+        if len(part) < READ_CHUNK:
+            return b"".join(parts)
+
+
+def _sorted(data: bytes) -> np.ndarray:
+    return np.unique(np.frombuffer(data[:len(data) // 8 * 8], dtype=_DTYPE))
 
 
 def fingerprint(project: str, message_id: str) -> bytes:
@@ -78,18 +96,17 @@ class ShardDedup:
         if not self.loaded:
             await self._migrate(redis, now_ms)
         wanted = list(live) if not self.loaded else sorted(self.stale & set(live))
-        if wanted:
-            (values,) = await redis.execute([["MGET", *(self.keys.dedup(self.shard, b) for b in wanted)]],
-                                            check=True)
-            for b, value in zip(wanted, values, strict=True):
-                run = np.unique(np.frombuffer(value or b"", dtype=_DTYPE))
-                if b == self.current:
-                    self.fresh = set()
-                self.runs.pop(b, None)
-                if len(run):
-                    self.runs[b] = [run]
-            self.loaded = True
-            self.stale.clear()
+        for b in wanted:
+            data = await _read(redis, self.keys.dedup(self.shard, b))
+            # a busy hour's bucket takes seconds to sort: not in the event loop
+            run = _sorted(data) if len(data) < 1 << 20 else await trio.to_thread.run_sync(_sorted, data)
+            if b == self.current:
+                self.fresh = set()
+            self.runs.pop(b, None)
+            if len(run):
+                self.runs[b] = [run]
+        self.loaded = True
+        self.stale.clear()
         for b in [b for b in self.runs if b < live.start]:
             del self.runs[b]
 

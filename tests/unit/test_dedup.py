@@ -127,3 +127,17 @@ async def test_markers_of_the_layout_before_still_deduplicate(redis: RedisIO) ->
     assert not list(client.scan_iter(match="t:{s0}:d:*")) and client.exists("t:{s1}:d:p:other")
     client.set("t:{s0}:d:p:later", "1")  # not looked for again
     assert await send(new_shard(redis, Clock()), ["old3", "later"]) == 1
+
+
+async def test_a_big_bucket_is_read_in_pieces(redis: RedisIO, monkeypatch: pytest.MonkeyPatch) -> None:
+    import evactors.store.dedup as dedup_module
+
+    monkeypatch.setattr(dedup_module, "READ_CHUNK", 100_003)  # pieces that split fingerprints
+    clock = Clock()
+    dedup = ShardDedup(0, Keys("t"), 4 * HOUR, HOUR)
+    prints = [fingerprint("p", f"id{i}") for i in range(140_000)]  # 1.1 MB: sorted off the event loop
+    key = dedup.keys.dedup(0, dedup.bucket(int(clock.now * 1000)) - 1)
+    redis.client.append(key, b"".join(prints))
+    await dedup.prepare(redis, int(clock.now * 1000))
+    assert all(dedup.seen(prints[::7]))
+    assert not any(dedup.seen([fingerprint("p", f"other{i}") for i in range(1000)]))
