@@ -14,12 +14,9 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import hypercorn.config
-import hypercorn.trio
 import msgspec
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -42,6 +39,7 @@ from evactors.service.http.request import (
     lifespan,
     read_body,
 )
+from evactors.service.http.server import serve_unix_or_tcp
 from evactors.service.supervisor import StartupError
 from evactors.store.clickhouse import ClickHouse
 from evactors.store.paths import DataDir
@@ -173,35 +171,23 @@ class AdminApp:
 
 
 def admin_bind(listen: str, data_dir: DataDir) -> str:
-    """hypercorn's bind of ``admin.listen``: ``unix:PATH`` (empty: DATA/admin.sock) or HOST:PORT."""
+    """The admin listener's bind: ``unix:PATH`` (``admin.listen`` empty: DATA/admin.sock) or HOST:PORT."""
     return listen or f"unix:{data_dir.admin_socket}"
 
 
 async def serve_admin(app: AdminApp, bind: str, shutdown: trio.Event, graceful: float,
+                      read_timeout: float = 10.0,
                       task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """The admin listener, until ``shutdown``; started with its address (``unix:PATH`` or
-    a URL). A bind that fails is a ``StartupError``."""
-    hconfig = hypercorn.config.Config()
-    hconfig.bind = [bind]
-    hconfig.accesslog = None
-    hconfig.errorlog = logging.getLogger("evactors.http.admin")
-    hconfig.graceful_timeout = graceful
-    socket = bind.removeprefix("unix:") if bind.startswith("unix:") else None
-    if socket is not None:
-        Path(socket).unlink(missing_ok=True)  # an earlier run's, left by kill -9 (the dir is locked)
+    a URL). A bind that fails is a ``StartupError``. A stale socket file (kill -9) is
+    replaced: the data dir is locked by this process."""
 
     def started(binds: list[str]) -> None:
-        if socket is not None:
-            os.chmod(socket, 0o600)
-            task_status.started(bind)
-        else:
-            task_status.started(binds[0])
+        task_status.started(bind if bind.startswith("unix:") else f"http://{binds[0]}")
 
     listening: Any = SimpleNamespace(started=started)
-    asgi: Any = app
     try:
-        await hypercorn.trio.serve(asgi, hconfig, shutdown_trigger=shutdown.wait, task_status=listening)
-    except* OSError as group:
-        e = group.exceptions[0]
+        await serve_unix_or_tcp(app, bind, shutdown, graceful, read_timeout, task_status=listening)
+    except OSError as e:
         raise StartupError(f"cannot listen on {bind} (admin.listen): "
                            f"{getattr(e, 'strerror', None) or e}") from None

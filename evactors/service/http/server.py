@@ -1,22 +1,22 @@
-"""The HTTP listener: our own accept loop in front of hypercorn's connection handling,
-serving the ASGI app until shutdown, its graceful stop a fraction of the drain deadline.
+"""The HTTP listeners: our own accept loop, connection caps, and a graceful stop, serving
+an ASGI app with our HTTP/1.1 connections (``connection``: llhttp on trio streams).
 
-Why not ``hypercorn.trio.serve``: it accepts every connection the kernel hands it, with no
-cap overall or per client IP, so a few thousand slow sockets from one address held every
-file descriptor (EMFILE for everyone else, and a log line per failed accept). Hypercorn
-has no hook between ``accept`` and its per-connection server, so this module runs the
-loop itself (as ``hypercorn.trio.run.worker_serve`` does, minus TLS, QUIC and lifespan,
-which the service does not use) and counts connections where they are accepted:
+The accept loop counts connections where they are accepted (a cap could not be placed in
+the app, which sees requests, not sockets):
 
 - past ``limits.max_connections`` a new connection gets ``503`` and is closed at once;
 - past ``limits.max_connections_per_ip`` (trusted proxies exempt) it gets ``429``;
 - EMFILE/ENFILE while accepting: one warning a minute, a short pause, no spin.
 
-Each admitted connection is then served by hypercorn's own ``TCPServer`` (HTTP/1.1 via
-h11; HTTP/2 cleartext only when ``server.http2_cleartext`` says so), and counted until it
-closes. Header and idle deadlines are hypercorn's (``keep_alive_timeout``: from the
-connection's start, or the end of its last response, to a request's last header); the
-body's deadline is the application's (``request.read_body`` and ``BodyBounds``).
+A connection is released as soon as its client is gone. One connection's error is logged,
+never fatal to the listener.
+
+Graceful stop (hypercorn's trio worker is the model: nested nurseries, the stop a cancel
+scope's deadline): stop accepting, close the listening sockets, close idle keep-alive
+connections at once, let in-flight requests finish (their answers say ``Connection:
+close``), and cancel what is left after ``graceful`` seconds, a fraction of the drain
+deadline. With ``server.http2_cleartext`` on, admitted connections are served by
+hypercorn instead (``h2c``), behind the same loop and caps.
 """
 
 from __future__ import annotations
@@ -24,65 +24,27 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import os
 import resource
+import socket
 import time
 from collections.abc import Awaitable, Callable
-from types import SimpleNamespace
+from pathlib import Path
 from typing import Any
 
-import h11
-import hypercorn.config
-import hypercorn.protocol
 import msgspec
 import trio
-from hypercorn.protocol.h11 import H11Protocol
-from hypercorn.trio.tcp_server import TCPServer
-from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import ConnectionState
-from hypercorn.utils import repr_socket_addr, wrap_app
 
 from evactors.core.config import Config
 from evactors.core.limits import ConnectionCount
 from evactors.ops import metrics
+from evactors.service.http.connection import ASGIApp, Connection, Settings
 from evactors.service.supervisor import StartupError
 
 log = logging.getLogger("evactors.http")
 
 _ACCEPT_CAPACITY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-_PROTOCOL_ERRORS = {
-    400: ("bad_request", "the request is not valid HTTP/1.1"),
-    408: ("request_timeout", "the request took too long"),
-    413: ("request_too_large", "the request is too large"),
-    414: ("uri_too_long", "the request target is too long"),
-    431: ("headers_too_large", "the request's headers are too large (64 KB at most)"),
-}
-
-
-class _H11(H11Protocol):
-    """Hypercorn's HTTP/1.1, with a JSON body on the errors it answers itself (a request
-    that is not HTTP, headers over the 64 KB limit…) instead of an empty one."""
-
-    async def _send_error_response(self, status_code: int) -> None:
-        code, message = _PROTOCOL_ERRORS.get(status_code, ("bad_request", "the request is not valid"))
-        body = msgspec.json.encode({"success": False, "error": code, "message": message})
-        await self._send_h11_event(h11.Response(status_code=status_code, headers=[
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"), *self.config.response_headers("h11")]))
-        await self._send_h11_event(h11.Data(data=body))
-        await self._send_h11_event(h11.EndOfMessage())
-
-
-class _HTTP11Only(_H11):
-    """HTTP/1.1 without the cleartext switches to HTTP/2 (``Upgrade: h2c`` and the
-    prior-knowledge preface): the request is answered in HTTP/1.1 like any other."""
-
-    async def _check_protocol(self, event: Any) -> None:
-        return None
-
-
-def allow_http2_cleartext(allowed: bool) -> None:
-    """Process-wide (hypercorn picks its HTTP/1.1 class by module name); one server per process."""
-    hypercorn.protocol.H11Protocol = _H11 if allowed else _HTTP11Only  # type: ignore[misc]
+BACKLOG = 2048  # 100 leaves a burst of new connections waiting in SYN retries
 
 
 def _refusal(status: int, error: str, message: str, retry_after: int) -> bytes:
@@ -93,82 +55,82 @@ def _refusal(status: int, error: str, message: str, retry_after: int) -> bytes:
             "connection: close\r\n\r\n").encode() + body
 
 
-class _Counted(trio.abc.HalfCloseableStream):
-    """A socket stream that gives its slot back when closed (once)."""
-
-    def __init__(self, stream: trio.SocketStream, release: Callable[[], None]) -> None:
-        self.stream = stream
-        self.socket = stream.socket  # hypercorn reads the peer's address from it
-        self._release: Callable[[], None] | None = release
-        # hypercorn may close (send_eof) from one task while another still writes a reply:
-        # trio refuses two senders at once (BusyResourceError), so they take turns
-        self._sending = trio.StrictFIFOLock()
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        async with self._sending:
-            await self.stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.stream.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.stream.receive_some(max_bytes)
-
-    async def send_eof(self) -> None:
-        async with self._sending:
-            await self.stream.send_eof()
-
-    async def aclose(self) -> None:
+def bind_socket(bind: str) -> socket.socket:
+    """A listening socket for ``HOST:PORT``, ``[V6]:PORT`` or ``unix:PATH`` (a stale
+    socket file is replaced)."""
+    if bind.startswith("unix:"):
+        path = bind.removeprefix("unix:")
+        Path(path).unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            await self.stream.aclose()
-        finally:
-            release, self._release = self._release, None
-            if release is not None:
-                release()
-                metrics.CONNECTIONS_OPEN.dec()
+            sock.bind(path)
+        except OSError:
+            sock.close()
+            raise
+    else:
+        host, _, port = bind.rpartition(":")
+        host = host.strip("[]") or "0.0.0.0"
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.bind((host, int(port)))
+        except (OSError, ValueError) as e:
+            sock.close()
+            if isinstance(e, ValueError):
+                raise OSError(errno.EINVAL, f"not HOST:PORT: {bind!r}") from None
+            raise
+    sock.listen(BACKLOG)
+    sock.setblocking(False)
+    return sock
 
 
-class _Server(TCPServer):
-    """Hypercorn's per-connection server, ended when its client is gone: hypercorn's own
-    keeps the connection (its descriptor, its slot) until the keep-alive timer fires, so
-    a client closing 30 connections a second would hold 300 of them."""
-
-    async def _read_data(self) -> None:
-        await super()._read_data()
-        await self.idle_task.stop()
+def describe(sock: socket.socket) -> str:
+    """``HOST:PORT`` (``[V6]:PORT``) or ``unix:PATH`` of a bound socket."""
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{name}"
+    if sock.family == socket.AF_INET6:
+        return f"[{name[0]}]:{name[1]}"
+    return f"{name[0]}:{name[1]}"
 
 
 class Listener:
-    """Accepts, counts and refuses; hands admitted connections to hypercorn."""
+    """Accepts, counts and refuses; serves admitted connections until ``shutdown``."""
 
-    def __init__(self, app: Any, hconfig: hypercorn.config.Config, count: ConnectionCount,
-                 retry_after: int) -> None:
-        self.app = wrap_app(app, hconfig.wsgi_max_body_size, "asgi")
-        self.hconfig = hconfig
+    def __init__(self, app: ASGIApp, count: ConnectionCount, retry_after: int, read_timeout: float,
+                 graceful: float, counted: bool = True, h2c: bool = False) -> None:
+        self.app = app
         self.count = count
         self.retry_after = retry_after
-        self.context = WorkerContext(None)
+        self.graceful = graceful
+        self.counted = counted  # in the open-connections gauge (the public listener)
+        self.settings = Settings(read_timeout)
+        self.h2c: Any = None
+        if h2c:
+            from evactors.service.http.h2c import H2C
+
+            self.h2c = H2C(app, read_timeout)
         self._capacity_logged = 0.0
         self._refused_logged = 0.0
 
-    async def serve(self, shutdown: Callable[[], Awaitable[Any]],
-                    task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        sockets = self.hconfig.create_sockets()
-        for sock in sockets.insecure_sockets:
-            sock.listen(self.hconfig.backlog)
-        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets.insecure_sockets]
-        binds = [f"http://{repr_socket_addr(s.family, s.getsockname())}" for s in sockets.insecure_sockets]
+    async def serve(self, sockets: list[socket.socket], shutdown: Callable[[], Awaitable[Any]],
+                    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as accepting:
                 for listener in listeners:
                     accepting.start_soon(self._accept, listener, connections)
-                task_status.started(binds)
+                task_status.started([describe(s) for s in sockets])
                 await shutdown()
                 accepting.cancel_scope.cancel()
             for listener in listeners:
                 await listener.aclose()
-            await self.context.terminated.set()  # idle keep-alive connections close now
-            connections.cancel_scope.deadline = trio.current_time() + self.hconfig.graceful_timeout
+            self.settings.stop()  # idle keep-alive connections close now
+            if self.h2c is not None:
+                await self.h2c.stop()
+            connections.cancel_scope.deadline = trio.current_time() + self.graceful
 
     async def _accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while True:
@@ -185,25 +147,40 @@ class Listener:
                 await trio.sleep(0.1)
                 continue
             try:
-                ip = str(stream.socket.getpeername()[0])
-            except (OSError, IndexError, TypeError):
-                ip = ""
+                peer = stream.socket.getpeername()
+            except OSError:
+                peer = None
+            ip = str(peer[0]) if isinstance(peer, tuple) and peer else ""
             why = self.count.admit(ip)
             if why:
                 nursery.start_soon(self._refuse, stream, why, ip)
                 continue
-            metrics.CONNECTIONS_OPEN.inc()
-            counted = _Counted(stream, lambda ip=ip: self.count.release(ip))  # type: ignore[misc]
-            nursery.start_soon(self._handle, counted)
+            if self.counted:
+                metrics.CONNECTIONS_OPEN.inc()
+            nursery.start_soon(self._handle, stream, ip, peer)
 
-    async def _handle(self, stream: _Counted) -> None:
+    async def _handle(self, stream: trio.SocketStream, ip: str, peer: Any) -> None:
         try:
-            await _Server(self.app, self.hconfig, self.context, ConnectionState({}), stream)  # type: ignore[arg-type]
+            if self.h2c is not None:
+                await self.h2c.serve(stream)
+            else:
+                try:
+                    local = stream.socket.getsockname()
+                except OSError:
+                    local = None
+                client = (ip, int(peer[1])) if isinstance(peer, tuple) and len(peer) > 1 else None
+                server = (str(local[0]), int(local[1])) if isinstance(local, tuple) else None
+                await Connection(stream, self.app, self.settings, client, server).run()
         except Exception:  # one connection's fault must not end the listener (and the service)
             log.exception("HTTP connection failed")
         finally:
             with trio.CancelScope(shield=True):
-                await stream.aclose()
+                try:
+                    await stream.aclose()
+                finally:
+                    self.count.release(ip)
+                    if self.counted:
+                        metrics.CONNECTIONS_OPEN.dec()
 
     async def _refuse(self, stream: trio.SocketStream, why: str, ip: str) -> None:
         metrics.CONNECTIONS_REFUSED.labels(why).inc()
@@ -264,42 +241,45 @@ def connection_cap(configured: int) -> int:
     return configured
 
 
-def hypercorn_config(config: Config) -> hypercorn.config.Config:
-    hconfig = hypercorn.config.Config()
-    hconfig.bind = [config.server.listen]
-    hconfig.accesslog = None
-    hconfig.errorlog = logging.getLogger("evactors.http")
-    hconfig.graceful_timeout = max(1.0, config.supervisor.drain_seconds / 3)
-    # One rule for slow and idle clients: nothing received for this long closes it; and
-    # the same timer bounds a request's headers in total (see the module's docstring).
-    hconfig.keep_alive_timeout = config.server.read_timeout_seconds
-    hconfig.read_timeout = config.server.read_timeout_seconds  # type: ignore[assignment]
-    hconfig.h11_max_incomplete_size = 64 * 1024
-    hconfig.backlog = 2048  # hypercorn's 100 leaves a burst of new connections waiting in SYN retries
-    return hconfig
+def graceful_seconds(config: Config) -> float:
+    """The listeners' graceful stop: a third of the drain deadline, at least a second."""
+    return max(1.0, config.supervisor.drain_seconds / 3)
 
 
-async def serve_http(app: Any, config: Config, shutdown: trio.Event,
+async def serve_http(app: ASGIApp, config: Config, shutdown: trio.Event,
                      task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve ``app`` until ``shutdown``; started once it listens (the bound addresses).
+    """Serve ``app`` until ``shutdown``; started once it listens (``http://HOST:PORT``).
     A bind that fails is a ``StartupError``."""
-    listening = False
-
-    def started(binds: list[str]) -> None:
-        nonlocal listening
-        listening = True
-        task_status.started(binds)
-
-    allow_http2_cleartext(config.server.http2_cleartext)
+    try:
+        sock = bind_socket(config.server.listen)
+    except OSError as e:
+        raise StartupError(f"cannot listen on {config.server.listen}: {e.strerror or e}") from None
     count = ConnectionCount(connection_cap(config.limits.max_connections),
                             config.limits.max_connections_per_ip, exempt(config.server.trusted_proxies))
-    listener = Listener(app, hypercorn_config(config), count, config.server.retry_after_seconds)
-    try:
-        status: Any = SimpleNamespace(started=started)
-        await listener.serve(shutdown.wait, task_status=status)
-    except* OSError as group:  # a failed bind (alone or inside a group)
-        if listening:
-            raise
-        e = group.exceptions[0]
-        reason = getattr(e, "strerror", None) or e
-        raise StartupError(f"cannot listen on {config.server.listen}: {reason}") from None
+    listener = Listener(app, count, config.server.retry_after_seconds, config.server.read_timeout_seconds,
+                        graceful_seconds(config), h2c=config.server.http2_cleartext)
+    prefixed: Any = _Prefixed(task_status, "http://")
+    await listener.serve([sock], shutdown.wait, task_status=prefixed)
+
+
+class _Prefixed:
+    """``task_status`` whose started value is the addresses as URLs."""
+
+    def __init__(self, status: Any, prefix: str) -> None:
+        self.status, self.prefix = status, prefix
+
+    def started(self, binds: list[str]) -> None:
+        self.status.started([self.prefix + b for b in binds])
+
+
+async def serve_unix_or_tcp(app: ASGIApp, bind: str, shutdown: trio.Event, graceful: float,
+                            read_timeout: float,
+                            task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+    """A listener without connection caps (the admin's: a 0600 socket, or an address the
+    operator chose), ``unix:PATH`` made 0600 before it is announced."""
+    sock = bind_socket(bind)
+    if bind.startswith("unix:"):
+        os.chmod(bind.removeprefix("unix:"), 0o600)
+    listener = Listener(app, ConnectionCount(0, 0), 1, read_timeout, graceful, counted=False)
+    status: Any = task_status
+    await listener.serve([sock], shutdown.wait, task_status=status)
