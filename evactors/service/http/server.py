@@ -109,8 +109,11 @@ class Listener:
         self.settings = Settings(read_timeout)
         self.h2c: Any = None
         if h2c:
-            from evactors.service.http.h2c import H2C
-
+            try:
+                from evactors.service.http.h2c import H2C
+            except ImportError as e:
+                raise StartupError(f"server.http2_cleartext needs the [h2c] extra ({e}): "
+                                   "pip install 'evactors[h2c]'") from None
             self.h2c = H2C(app, read_timeout)
         self._capacity_logged = 0.0
         self._refused_logged = 0.0
