@@ -242,6 +242,20 @@ async def test_bad_requests_get_a_json_error_and_the_connection_closes() -> None
         assert (await client.response())[0] == 200
 
 
+async def test_a_body_that_breaks_http_mid_way_gets_400_not_the_apps_answer(caplog: Any) -> None:
+    SEEN.clear()
+    async with served() as (port, _):
+        client = await connect(port)
+        await client.send(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nab")
+        await trio.sleep(0.1)  # the app is reading the body by now
+        await client.send(b"cd\r\nZZZ-not-a-chunk-size\r\n")
+        status, _, body = await client.response()
+        assert status == 400 and json.loads(body)["error"] == "bad_request", body
+        assert await client.closed()
+    assert SEEN == ["disconnect"]  # the app saw the request end
+    assert "Traceback" not in caplog.text and "failed" not in caplog.text
+
+
 async def test_slow_heads_and_idle_connections_are_closed_at_the_deadline() -> None:
     async with served(read_timeout=1.0) as (port, _):
         idle = await connect(port)

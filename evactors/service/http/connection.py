@@ -340,12 +340,16 @@ class Connection:
         try:
             await self.app(self._scope(request), state.receive, state.send)
         except Exception:
-            log.exception("HTTP request %s %r failed", request.method, request.target[:200])
-            if state.started:
+            if state.refused is None:
+                log.exception("HTTP request %s %r failed", request.method, request.target[:200])
+            if state.started and state.refused is None:
                 self.broken = True
             else:
-                await self._refuse(500)
+                await self._refuse(500 if state.refused is None else state.refused.status)
                 return False
+        if state.refused is not None:  # its body was not valid HTTP/1.1: the app's answer was dropped
+            await self._refuse(state.refused.status, state.refused.detail)
+            return False
         if not state.finished:
             if not state.started:
                 await self._refuse(500)
@@ -368,6 +372,7 @@ class _Exchange:
         "finished",
         "head",
         "head_only",
+        "refused",
         "request",
         "started",
     )
@@ -383,6 +388,7 @@ class _Exchange:
         self.continued = not request.expect_continue
         self.head_only = request.method == "HEAD"
         self.delivered = False  # the body's last part was handed to the app
+        self.refused: Refused | None = None  # the body broke HTTP/1.1
 
     async def receive(self) -> dict[str, Any]:
         request, conn = self.request, self.conn
@@ -391,11 +397,15 @@ class _Exchange:
         if self.delivered:  # the body is done: the next event is the client going away
             return await self._wait_disconnect()
         if not request.body and not request.complete:
-            if not self.continued:
+            if not self.continued and request.version != "1.0":
                 self.continued = True
                 await conn._send(b"HTTP/1.1 100 Continue\r\n\r\n")
             while not request.body and not request.complete:
-                if not await conn._receive():
+                try:
+                    if not await conn._receive():
+                        return _DISCONNECT
+                except Refused as e:  # a bad chunk: the answer is this refusal, not the app's
+                    self.refused, conn.eof = e, True
                     return _DISCONNECT
         body = request.body
         chunk = body[0] if len(body) == 1 else b"".join(body)
@@ -426,6 +436,8 @@ class _Exchange:
     async def send(self, message: dict[str, Any]) -> None:
         kind = message["type"]
         conn = self.conn
+        if self.refused is not None:
+            return
         if kind == "http.response.start":
             if self.started:
                 raise RuntimeError("http.response.start sent twice")
