@@ -138,6 +138,9 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-floor", action="store_true", help="skip the infrastructure floor")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="extra environment for the service (e.g. EVACTORS_PIPELINE_ENRICHERS=2)")
+    p.add_argument("--service-bin", type=Path, metavar="PATH",
+                   help="the bin/evactors to run as the service (default: this checkout's); another "
+                   "checkout's, set up with bin/setup, measures before and after with the same harness")
     _common(p)
     return p
 
@@ -203,7 +206,8 @@ def main_bench(argv: list[str]) -> int:
     if data_dir.exists() and any(data_dir.iterdir()):
         raise SystemExit(f"{data_dir} is not empty: bench needs a fresh data dir")
     env = dict(e.partition("=")[::2] for e in args.env)
-    service = BenchService(data_dir, "bench-key", "bench", env)
+    service = BenchService(data_dir, "bench-key", "bench", env,
+                           args.service_bin.resolve() if args.service_bin else None)
     # SIGTERM (a timeout, a supervisor) unwinds like Ctrl-C, so the service is stopped, not orphaned.
     signal.signal(signal.SIGTERM, _exit_on_sigterm(os.getpid()))
     opts = _options(args, phases, url="", write_key="bench-key", project="bench", run_id=f"b{args.seed}",

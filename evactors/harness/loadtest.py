@@ -873,9 +873,11 @@ class BenchService:
     """``bin/evactors run`` on embedded defaults in a subprocess, on a free port, closing its
     sessions at shutdown so they can be checked against the oracle."""
 
-    def __init__(self, data_dir: Path, key: str, project: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, data_dir: Path, key: str, project: str, env: dict[str, str] | None = None,
+                 bin_path: Path | None = None) -> None:
         self.data_dir, self.key, self.project = data_dir, key, project
         self.env = env or {}
+        self.bin = bin_path or BIN  # another checkout's bin/evactors: before/after side by side
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.log_path = data_dir.parent / f"{data_dir.name}.log"
@@ -890,7 +892,7 @@ class BenchService:
                "EVACTORS_SUPERVISOR_DRAIN_SECONDS": "280", **self.env}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [str(BIN), "run", "--data-dir", str(self.data_dir), "--listen", "127.0.0.1:0",
+                [str(self.bin), "run", "--data-dir", str(self.data_dir), "--listen", "127.0.0.1:0",
                  "--write-key", f"{self.key}={self.project}"], stdout=log, stderr=log, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
