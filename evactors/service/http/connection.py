@@ -8,8 +8,9 @@ service's time.
 
 One task per connection reads and answers: it reads the socket only when it needs bytes
 (the next request's head, or the body the app asks for), so a client can make it hold at
-most one read (64 KB) beyond what the app asked for. The bounds (docs/operations.md,
-Limits):
+most one read (64 KB) beyond what the app asked for; while a streaming answer waits for its
+client to leave, ``MAX_QUEUED`` pipelined requests (``MAX_QUEUED_BYTES`` of bodies). The
+bounds (docs/operations.md, Limits):
 
 - head: from the connection's start, or the end of its last response, to the last header
   of the next request, ``read_timeout`` in total (slowloris; an idle keep-alive connection
