@@ -1,12 +1,13 @@
 """Session actors: one per shard of the (project, device) key space.
 
 A shard is processed by one task at a time, so the actor owns its state in memory: the
-user states it has seen (an LRU of ``state_cache`` entries, read from Redis on first sight)
-and its dedup window (``dedup.ShardDedup``). Each unit of work costs two Redis round trips
+user states it has seen (an LRU of ``pipeline.session_state_cache`` entries, read from Redis
+on first sight) and its dedup window (``dedup.ShardDedup``). Each unit of work costs two Redis round trips
 (a third only to follow alias chains): one reads the alias links (cross-shard) and the
 states not in memory, one commits everything in one MULTI/EXEC — the unit's dedup
 fingerprints, new user states, alias links, the open-session index (derived from each final
-state), the rows for ClickHouse (one buffer-stream entry) and the buffer count. Because the
+state), the rows for ClickHouse (one buffer-stream entry), the buffer count and the
+shard's commit count (one that does not follow drops the memory). Because the
 commit is atomic, a replayed unit (after a crash, before its ingest entry was deleted) finds
 its events deduplicated and adds nothing: no event is kept twice, none is marked without
 being kept. A commit that fails or whose outcome is unknown (an error, a timeout, a lost

@@ -62,5 +62,6 @@ class Keys:
         return f"{self.prefix}:live:{project}"  # zset: profile → last seen (ms)
 
     def last_screen_view(self, project: str, profile: str) -> str:
-        # a project's last views share a slot: the publisher writes them in one script
+        # a project's last views share a slot (the hash tag); the publisher writes them with
+        # plain commands, at most once a second
         return f"{self.prefix}:lastsv:{{{project}}}:{profile}"

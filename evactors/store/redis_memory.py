@@ -4,8 +4,8 @@
   machine's memory) and ``noeviction``: past it, writes are refused with ``OOM``, ingest
   answers 503 and the actors retry with backoff; nothing already stored goes away.
 - An external Redis whose ``maxmemory-policy`` evicts is refused at start (exit 2) unless
-  ``redis.allow_eviction``: an evicted dedup marker doubles an event when the SDK retries,
-  an evicted stream loses acknowledged ones.
+  ``redis.allow_eviction``: an evicted dedup bucket lets SDK retries of its events through
+  once the shard reads its window again, an evicted stream loses acknowledged ones.
 - The watcher (``pipeline.memory_watch``) reads Redis's memory each second: ``used_memory``,
   the bytes of the backlog (the ingest stream and the buffers, as ``MEMORY USAGE`` samples
   them) and ``evicted_keys``, which must never grow (an error in the log and a metric).
