@@ -128,7 +128,7 @@ class RedisConfig(_Section):
         "0: a quarter of the machine's memory (at least 64 MB, at most 8 GB).")] = 0
     allow_eviction: Annotated[bool, Doc(
         "An external Redis whose maxmemory-policy evicts keys (anything but noeviction) is "
-        "refused at start (exit 2): an evicted dedup marker doubles an event, an evicted stream "
+        "refused at start (exit 2): an evicted dedup bucket doubles events, an evicted stream "
         "loses acknowledged ones. true: start anyway (at your own risk).")] = False
     aof_rewrite_seconds: Annotated[float, Doc(
         "Embedded Valkey only: its append-only file is rewritten this often (when it has grown), "

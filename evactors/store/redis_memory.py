@@ -59,7 +59,7 @@ async def check_eviction(redis: RedisIO, allow: bool) -> None:
             return
         raise ConfigError("redis.allow_eviction", (
             f"the Redis at {redis.url} has maxmemory-policy {policy}: when full it evicts keys "
-            "(dedup markers: doubled events; streams: lost events). Set maxmemory-policy "
+            "(dedup buckets: doubled events; streams: lost events). Set maxmemory-policy "
             "noeviction on it (CONFIG SET maxmemory-policy noeviction), or redis.allow_eviction "
             "= true to run anyway"))
 
@@ -86,7 +86,7 @@ class Memory:
         if self.evicted is not None and evicted > self.evicted:
             grown = evicted - self.evicted
             metrics.REDIS_EVICTED.inc(grown)
-            log.error("Redis evicted %d key(s) (evicted_keys %d): dedup markers, states or "
+            log.error("Redis evicted %d key(s) (evicted_keys %d): dedup buckets, states or "
                       "events may be gone; set maxmemory-policy noeviction", grown, evicted)
         self.evicted = evicted
         was = self.full
