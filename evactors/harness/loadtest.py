@@ -893,7 +893,8 @@ class BenchService:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [str(self.bin), "run", "--data-dir", str(self.data_dir), "--listen", "127.0.0.1:0",
-                 "--write-key", f"{self.key}={self.project}"], stdout=log, stderr=log, env=env)
+                 "--write-key", f"{self.key}={self.project}"], stdout=log, stderr=log, env=env,
+                cwd=self.bin.resolve().parents[1])  # `python -m` puts the cwd first on the path
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
