@@ -178,7 +178,8 @@ class PipelineConfig(_Section):
         "shared by many events whatever the size of a request.")] = 2000
     unit_linger_ms: Annotated[float, Doc(
         "Milliseconds an enricher waits for more requests when a unit is not full. Adds at "
-        "most this to the time from acknowledgement to ClickHouse, never to the answer.")] = 5.0
+        "most this to the time from acknowledgement to ClickHouse, never to the answer; at "
+        "low rates it sets how many events share a unit's frame and commit.")] = 30.0
     dedup_window_seconds: Annotated[int, Doc(
         "Window of deduplication on messageId, in seconds (Segment: 24 h).")] = 24 * 3600
     dedup_bucket_seconds: Annotated[int, Doc(

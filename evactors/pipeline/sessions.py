@@ -542,7 +542,7 @@ class SessionShard:
 
     async def _process(self, items: list[Enriched]) -> Commit:
         now = self._now_ms()
-        items = sorted(items, key=lambda e: e.row.created_at)
+        items = sorted(items, key=_unit_order(items))
         await self.dedup.prepare(self.redis, now)
         prints = [fingerprint(e.row.project_id, e.row.message_id) for e in items]
         seen = self.dedup.seen(prints)
@@ -612,6 +612,22 @@ class SessionShard:
                 commit.states[key] = state  # already closed: the commit drops it from the index
         await self._commit(commit)
         return commit
+
+
+def _unit_order(items: list[Enriched]) -> Callable[[Enriched], tuple[int, int, int]]:
+    """The order a unit is applied in: by event time, except that a re-map stays where it
+    came (it carries the wall clock of the ``remap`` command, not an event time): what
+    came before it is applied before it, what came after it after it, as if each re-map
+    split the unit."""
+    keys: dict[int, tuple[int, int, int]] = {}
+    segment = 0
+    for item in items:
+        if isinstance(item.row, EventRow) and item.row.type == "remap":
+            keys[id(item)] = (segment, 1, 0)
+            segment += 1
+        else:
+            keys[id(item)] = (segment, 0, item.row.created_at)
+    return lambda item: keys[id(item)]
 
 
 async def session_actor(shard: SessionShard, to_shard: trio.MemoryReceiveChannel[ShardBatch],

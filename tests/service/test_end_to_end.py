@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -134,7 +135,10 @@ def test_duplicates_are_stored_once_and_bots_are_not_stored(service: Service) ->
     assert [(b["device_id"], b["reason"]) for b in bots_kept] == [
         ("bot-0", "known-pattern"), ("bot-1", "headless"), ("bot-2", "crawler-list")]
     assert bots_kept[0]["user_agent"] == GOOGLEBOT and bots_kept[0]["name"] == "screen_view"
-    metrics = service.metrics()
+    # The session worker's counters reach the service's /metrics every half second.
+    deadline = time.monotonic() + 5
+    while "evactors_duplicates_total 3.0" not in (metrics := service.metrics()) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert 'evactors_bots_total{reason="headless"} 1.0' in metrics
     assert "evactors_duplicates_total 3.0" in metrics
 

@@ -26,6 +26,7 @@ from conftest import Service, run_cli
 from evactors.harness import oracle as O
 from evactors.harness.oracle import Expected, Oracle, compare, expect
 from evactors.harness.traffic import BAD, BOT, DUPLICATE, OK, Remap, Request, TrafficSpec, generate, iso
+from evactors.service.session_worker import COUNTERS_EVERY
 
 PROJECT = "project-a"
 CLOSE_ON_SHUTDOWN = {"EVACTORS_PIPELINE_CLOSE_SESSIONS_ON_SHUTDOWN": "true"}
@@ -456,7 +457,8 @@ def check_late_metrics(got: dict[str, int], want: dict[str, int]) -> None:
 
 def stop_and_compare(svc: Service, oracle: Oracle) -> tuple[Expected, list[str], dict[str, int]]:
     expected = oracle.expected()
-    drained(svc)  # all processed: the late-event counters are final
+    drained(svc)  # all processed: the late-event counters are final once the worker's reach /metrics
+    time.sleep(2 * COUNTERS_EVERY)
     late = late_metrics(svc)
     assert svc.stop(signal.SIGTERM) == 0, svc.log()[-3000:]
     return expected, compare_rows(expected, read(svc)), late

@@ -279,6 +279,19 @@ async def test_a_remap_continues_the_count_and_marks_the_session(shard: SessionS
     assert sessions[events["Later"].session_id].reason == ""  # only the one the re-map started
 
 
+async def test_a_remap_in_a_unit_splits_it_where_it_came(shard: SessionShard) -> None:
+    """A re-map carries the wall clock of the command, later than the events around it: in
+    one unit it still applies after what came before it and before what came after it."""
+    await feed(shard, incoming("identify", T0, device="old", user_id="u3"))
+    await feed(shard, incoming("track", T0 + MIN, device="old", name="Before"),
+               incoming("remap", T0 + 500 * MIN, device="new", previous_id="old"),
+               incoming("track", T0 + 2 * MIN, device="new", name="After"))
+    events = {e.name: e for e in rows(buffered(shard))}
+    assert events["Before"].profile_id == "u3" and events["Before"].session_number == 1
+    assert events["After"].profile_id == "u3"  # the re-map came first: "new" is "old" now
+    assert events["After"].session_number == 2 and events["After"].is_new_session == 1
+
+
 async def test_close_all_closes_every_open_session(shard: SessionShard) -> None:
     await feed(shard, *[incoming("page", T0 + i, device=f"v{i}", properties={"path": "/p"}) for i in range(7)])
     await shard.sweep(close_all=True)
