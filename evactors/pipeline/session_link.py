@@ -12,9 +12,9 @@ The pipe between them carries frames (a 4-byte length, a kind byte, msgpack):
 
 * main → worker: ``U`` a shard's batch (tagged with a sequence number), ``R`` the start-up
   replay is done (sweeps may run), ``E`` end of input (a graceful stop: close and exit).
-* worker → main: ``D`` the sequence numbers committed, with the worker's counter
-  increments since the last ``D`` (its metrics show on the service's ``/metrics``), and
-  ``X`` the error a worker dies of.
+* worker → main: ``D`` the sequence numbers committed, or (every half second, apart) the
+  worker's counter increments since it last sent them (its metrics show on the service's
+  ``/metrics``), and ``X`` the error a worker dies of.
 
 The main side (``worker_link``) runs under the supervisor like any actor: a worker that
 dies is an actor crash, restarted with backoff, and the batches it held are fed again by
