@@ -180,6 +180,37 @@ async def test_a_refusal_before_the_body_sends_no_100_and_closes() -> None:
         assert await client.closed()
 
 
+async def test_refused_uploads_linger_a_moment_but_only_so_many_at_once(monkeypatch: Any) -> None:
+    """After a refusal the server reads what the client still sends for a moment (so the
+    answer is not lost to a reset); a burst of refusals can't make it hold a socket each."""
+    from evactors.service.http import connection
+
+    monkeypatch.setattr(connection, "MAX_LINGERING", 2)
+    head = b"POST /refuse HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+    lasted: dict[int, float] = {}
+
+    async def uploading(i: int, client: Client) -> None:
+        """The body keeps coming, 1 KB every 10 ms, until the server's close resets it."""
+        started = trio.current_time()
+        try:
+            while trio.current_time() - started < 3:
+                await client.send(b" " * 1000)
+                await trio.sleep(0.01)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        lasted[i] = trio.current_time() - started
+
+    async with served() as (port, _):
+        clients = [await connect(port) for _ in range(3)]
+        async with trio.open_nursery() as nursery:
+            for i, client in enumerate(clients):
+                await client.send(head)
+                assert (await client.response())[0] == 401
+                nursery.start_soon(uploading, i, client)
+    assert lasted[0] >= 0.4 and lasted[1] >= 0.4, lasted  # lingering while the body comes (0.5 s)
+    assert lasted[2] < 0.25, lasted  # the third: closed at once
+
+
 async def test_http_1_0_closes_unless_kept_alive_and_head_has_no_body() -> None:
     async with served() as (port, _):
         client = await connect(port)

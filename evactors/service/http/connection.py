@@ -53,6 +53,10 @@ MAX_QUEUED = 64  # pipelined requests parsed ahead of the one being answered
 MAX_QUEUED_BYTES = 256 * 1024  # and their bodies
 LINGER_SECONDS = 0.5  # reading what a client still sends after the last answer
 LINGER_BYTES = 1 << 20
+# ... and closing once nothing came for this long: what was in flight has arrived, and a
+# client that keeps a refused connection open costs a socket for this long, not the linger.
+LINGER_QUIET_SECONDS = 0.1
+MAX_LINGERING = 64  # connections of a listener lingering at once; past it, close at once
 
 ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]],
                     Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
@@ -134,6 +138,7 @@ class Settings:
         self.scheme = scheme
         self.closing = False  # the listener is stopping: answer what is in flight, then close
         self.idle: set[trio.CancelScope] = set()  # connections waiting for a next request
+        self.lingering = 0  # connections reading what a client sends after their last answer
 
     def stop(self) -> None:
         """Close idle connections now, every other one after its current answer."""
@@ -308,17 +313,26 @@ class Connection:
         await self._linger()
 
     async def _linger(self) -> None:
-        """Half-close, then read what the client still sends for a moment: closing with
-        unread bytes would be a reset, which may destroy the answer still in flight."""
-        if self.broken:
-            return
+        """Half-close, then read what the client still sends for a moment (until it is quiet):
+        closing with unread bytes would be a reset, which may destroy the answer in flight."""
+        if self.broken or self.settings.lingering >= MAX_LINGERING:
+            return  # a burst of refusals: each closes at once rather than hold a socket
+        self.settings.lingering += 1
+        try:
+            await self._drain_after_answer()
+        finally:
+            self.settings.lingering -= 1
+
+    async def _drain_after_answer(self) -> None:
         with trio.move_on_after(LINGER_SECONDS):
             try:
                 if isinstance(self.stream, trio.abc.HalfCloseableStream):
                     await self.stream.send_eof()
                 drained = 0
                 while not self.eof and drained < LINGER_BYTES:
-                    data = await self.stream.receive_some(RECEIVE_BYTES)
+                    data: bytes | bytearray = b""
+                    with trio.move_on_after(LINGER_QUIET_SECONDS):
+                        data = await self.stream.receive_some(RECEIVE_BYTES)
                     if not data:
                         break
                     drained += len(data)
