@@ -157,13 +157,18 @@ class Publisher:
         """Write the live state when there is some, at most once per ``interval``."""
         while True:
             await self.pending.wait()
-            try:
-                await self.write_live()
-            except Exception as e:
-                if not transient(e):
-                    raise
-                log.warning("live keys not written, redis unavailable: %s", e)
+            await self.write_live_if_redis()
             await trio.sleep(self.interval)
+
+    async def write_live_if_redis(self) -> None:
+        """``write_live``, skipped with a warning while Redis is unavailable (or full): the
+        state stays gathered for the next round."""
+        try:
+            await self.write_live()
+        except Exception as e:
+            if not transient(e):
+                raise
+            log.warning("live keys not written, redis unavailable: %s", e)
 
 
 async def publisher(pub: Publisher, inbox: trio.MemoryReceiveChannel[Notice]) -> None:
@@ -179,9 +184,4 @@ async def publisher(pub: Publisher, inbox: trio.MemoryReceiveChannel[Notice]) ->
                 log.warning("publish skipped, redis unavailable: %s", e)
         nursery.cancel_scope.cancel()
     if pub.pending.is_set():  # what the last second gathered
-        try:
-            await pub.write_live()
-        except Exception as e:
-            if not transient(e):
-                raise
-            log.warning("live keys not written, redis unavailable: %s", e)
+        await pub.write_live_if_redis()

@@ -237,15 +237,19 @@ class Connection:
             if self.head_fed > MAX_HEAD + RECEIVE_BYTES:
                 raise Refused(431)
 
+    async def _read(self) -> bytes | bytearray:
+        """What the client sent next; empty when it is gone (an end, a reset, a close)."""
+        try:
+            return await self.stream.receive_some(RECEIVE_BYTES)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return b""
+
     async def _receive(self) -> bool:
         """Read once into the parser, within ``read_timeout``; False: the client is gone."""
         if self.eof:
             return False
         with trio.move_on_after(self.settings.read_timeout):
-            try:
-                data = await self.stream.receive_some(RECEIVE_BYTES)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                data = b""
+            data = await self._read()
             if not data:
                 self.eof = True
                 return False
@@ -266,10 +270,7 @@ class Connection:
                 self.settings.idle.add(deadline)
             try:
                 while not self.ready:
-                    try:
-                        data = await self.stream.receive_some(RECEIVE_BYTES)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                        data = b""
+                    data = await self._read()
                     if not data:
                         self.eof = True
                         return None
