@@ -43,6 +43,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["redis"] = {"url": args.redis_url}
     if getattr(args, "clickhouse_dsn", None):
         out["clickhouse"] = {"dsn": args.clickhouse_dsn}
+    if getattr(args, "cluster", None) and not getattr(args, "print_sql", False):
+        out.setdefault("clickhouse", {})["cluster"] = args.cluster
     return out
 
 
@@ -385,16 +387,19 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from evactors.store.clickhouse import connect, embedded_dsn, migrate, schema_version
+    from evactors.store.clickhouse import connect, embedded_dsn, migrate, schema_sql, schema_version
 
     config = load_config(args)
+    if args.print_sql:  # for a reader or a DBA: nothing is connected to
+        print(schema_sql(config.clickhouse.database, args.cluster or config.clickhouse.cluster), end="")
+        return EXIT_OK
     if not config.clickhouse.dsn and _running_service(config.data_path):
         print("the running service owns the embedded ClickHouse and migrates it at start",
               file=sys.stderr)
         return EXIT_OK
     client = connect(config.clickhouse.dsn or embedded_dsn(config.data_path))
     try:
-        applied = migrate(client, config.clickhouse.database)
+        applied = migrate(client, config.clickhouse.database, config.clickhouse.cluster)
         print(f"schema version {schema_version(client, config.clickhouse.database)}"
               f" (applied now: {applied or 'none'})")
     finally:
@@ -493,6 +498,10 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("migrate", help="create or migrate the ClickHouse schema")
     common(m)
     m.add_argument("--clickhouse-dsn", help="ClickHouse DSN (default: the configured one)")
+    m.add_argument("--cluster", metavar="NAME", help="create the schema on this ClickHouse cluster "
+                   "(Replicated tables, Distributed on top, ON CLUSTER; default: clickhouse.cluster)")
+    m.add_argument("--print-sql", action="store_true",
+                   help="print the statements of every migration instead (with --cluster, the cluster's)")
     m.set_defaults(func=cmd_migrate)
     return p
 

@@ -145,6 +145,11 @@ class ClickHouseConfig(_Section):
         "Flag: --clickhouse-dsn.")] = ""
     database: Annotated[str, Doc("Database of the service's tables (created and migrated by it).")] = "evactors"
     timeout_seconds: Annotated[float, Doc("Deadline of one insert or query, in seconds.")] = 60.0
+    cluster: Annotated[str, Doc(
+        "A ClickHouse cluster (its name in the servers' `remote_servers`) to create the schema on: "
+        "`Replicated*MergeTree` tables with `Distributed` tables over them, `ON CLUSTER` "
+        "(docs/operations.md, ClickHouse cluster). Needs `dsn`: the embedded engine is one node. "
+        "Flag of `migrate`: --cluster.")] = ""
 
 
 class GeoIPConfig(_Section):
@@ -508,6 +513,12 @@ def validate(c: Config) -> None:
         raise ConfigError("clickhouse.dsn", f"expected http(s):// or chdb:// DSN, got {c.clickhouse.dsn!r}")
     if not c.clickhouse.database.replace("_", "").isalnum():
         raise ConfigError("clickhouse.database", "expected letters, digits and _ only")
+    if c.clickhouse.cluster:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", c.clickhouse.cluster):
+            raise ConfigError("clickhouse.cluster", f"expected a cluster name, got {c.clickhouse.cluster!r}")
+        if not c.clickhouse.dsn or c.clickhouse.dsn.startswith("chdb://"):
+            raise ConfigError("clickhouse.cluster", "needs clickhouse.dsn naming a ClickHouse server "
+                              "(the embedded engine is one node)")
     if c.geoip.database and not Path(c.geoip.database).is_file():
         raise ConfigError("geoip.database", f"file not found: {c.geoip.database}")
     for project, origins in c.cors.origins.items():

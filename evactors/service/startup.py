@@ -68,7 +68,8 @@ async def run(config: Config, ready: Callable[[dict[str, Any]], None] | None = N
             wait_aof = await check_strict(redis)
         await check_shards(redis, Keys(config.redis.key_prefix), config.pipeline.session_shards)
         dsn = config.clickhouse.dsn or embedded_dsn(data_dir)
-        clickhouse = ClickHouse(dsn, config.clickhouse.database, config.clickhouse.timeout_seconds)
+        clickhouse = ClickHouse(dsn, config.clickhouse.database, config.clickhouse.timeout_seconds,
+                                config.clickhouse.cluster)
         stack.callback(clickhouse.close)
         if not config.clickhouse.dsn:
             await trio.to_thread.run_sync(clickhouse.open)  # embedded: it works now or never

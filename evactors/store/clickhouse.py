@@ -23,6 +23,7 @@ import trio
 
 from evactors.core.model import BotRow, EventRow, ProfileRow, SessionRow
 from evactors.ops import metrics
+from evactors.store import clickhouse_cluster
 from evactors.store.paths import DataDir
 
 log = logging.getLogger("evactors.clickhouse")
@@ -397,27 +398,53 @@ def connect(dsn: str) -> Any:
             os.environ.pop("JE_MALLOC_CONF", None)
 
 
-def migrate(client: Any, database: str) -> list[int]:
-    """Create the database and apply missing migrations, idempotently. Returns what ran."""
-    client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
-    client.command(
-        f"CREATE TABLE IF NOT EXISTS {database}.schema_migrations "
-        "(version UInt32, name String, applied_at DateTime('UTC') DEFAULT now()) "
-        "ENGINE = ReplacingMergeTree ORDER BY version"
-    )
+def schema_statements(statements: list[str], cluster: str = "") -> list[str]:
+    """A migration's statements, as one node runs them or, with ``cluster``, on that cluster
+    (``clickhouse_cluster``); ``{db}`` still in them."""
+    if not cluster:
+        return statements
+    return [out for statement in statements for out in clickhouse_cluster.on_cluster(statement, cluster)]
+
+
+def migrate(client: Any, database: str, cluster: str = "") -> list[int]:
+    """Create the database and apply missing migrations, idempotently. Returns what ran.
+    With ``cluster``, the schema of that ClickHouse cluster (every node, ``ON CLUSTER``)."""
+    if cluster:
+        client.command(clickhouse_cluster.database(database, cluster))
+        client.command(clickhouse_cluster.migrations_table(database, cluster))
+    else:
+        client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
+        client.command(
+            f"CREATE TABLE IF NOT EXISTS {database}.schema_migrations "
+            "(version UInt32, name String, applied_at DateTime('UTC') DEFAULT now()) "
+            "ENGINE = ReplacingMergeTree ORDER BY version"
+        )
     done = {row[0] for row in client.query(
         f"SELECT version FROM {database}.schema_migrations").result_rows}
     applied = []
     for version, name, statements in MIGRATIONS:
         if version in done:
             continue
-        for statement in statements:
+        for statement in schema_statements(statements, cluster):
             client.command(statement.replace("{db}", database))
         client.insert("schema_migrations", [[version, name]], column_names=["version", "name"],
                       database=database)
         log.info("schema migration %d applied: %s", version, name)
         applied.append(version)
     return applied
+
+
+def schema_sql(database: str, cluster: str = "") -> str:
+    """Every statement ``migrate`` runs on an empty database, as SQL text."""
+    if cluster:
+        head = [clickhouse_cluster.database(database, cluster), clickhouse_cluster.migrations_table(database, cluster)]
+    else:
+        head = [f"CREATE DATABASE IF NOT EXISTS {database}"]
+    out = [f"{statement};\n" for statement in head]
+    for version, name, statements in MIGRATIONS:
+        out.append(f"\n-- migration {version}: {name}\n")
+        out += [f"{statement.replace('{db}', database)};\n" for statement in schema_statements(statements, cluster)]
+    return "".join(out)
 
 
 def schema_version(client: Any, database: str) -> int:
@@ -428,10 +455,12 @@ def schema_version(client: Any, database: str) -> int:
 class ClickHouse:
     """The service's ClickHouse: a sync client used from one worker thread at a time."""
 
-    def __init__(self, dsn: str, database: str, timeout: float) -> None:
+    def __init__(self, dsn: str, database: str, timeout: float, cluster: str = "") -> None:
         self.dsn = dsn
         self.database = database
         self.timeout = timeout
+        self.cluster = cluster  # a ClickHouse cluster's name: its schema, its insert settings
+        self.insert_settings = {**INSERT_SETTINGS, **(clickhouse_cluster.INSERT_SETTINGS if cluster else {})}
         self.client: Any = None
         self.limiter = trio.CapacityLimiter(1)
         self._retry_at = 0.0
@@ -439,7 +468,7 @@ class ClickHouse:
 
     def open(self) -> None:
         self.client = connect(self.dsn)
-        migrate(self.client, self.database)
+        migrate(self.client, self.database, self.cluster)
 
     async def ensure_open(self) -> bool:
         """Connect (and migrate) if not yet connected; False while ClickHouse is away."""
@@ -496,7 +525,7 @@ class ClickHouse:
             f.flush()
             # settings inline: as ``command`` settings, chDB's client would SET and restore
             # each one around the insert (a dozen more queries)
-            settings = {"insert_deduplication_token": token, **INSERT_SETTINGS, **JSON_READ_SETTINGS}
+            settings = {"insert_deduplication_token": token, **self.insert_settings, **JSON_READ_SETTINGS}
             clause = ", ".join(f"{k} = {_quote(v) if isinstance(v, str) else v}" for k, v in settings.items())
             self.client.command(INSERT_JSON[table].format(db=self.database, path=_quote(f.name)[1:-1],
                                                           settings=clause))
@@ -515,7 +544,7 @@ class ClickHouse:
         self.client.insert(
             table, data, column_names=columns, column_type_names=INSERT_TYPES[table],
             database=self.database, column_oriented=True,
-            settings={"insert_deduplication_token": token, **INSERT_SETTINGS},
+            settings={"insert_deduplication_token": token, **self.insert_settings},
         )
 
     async def insert(self, table: str, rows: Sequence[msgspec.Struct], token: str) -> None:
