@@ -176,6 +176,10 @@ class PipelineConfig(_Section):
         "Child processes that run the session shards (worker w owns shards w, w + W, …), so "
         "sessionizing runs beside parsing and enrichment on another core. 0: in the service's "
         "own process. More workers than shards are not started.")] = 1
+    lease_seconds: Annotated[float, Doc(
+        "Session shards are owned by lease (docs/architecture.md): an instance that dies has its "
+        "shards taken by another this many seconds after its last renewal (renewed every third "
+        "of it); its own restart takes them at once.")] = 10.0
     channel_batches: Annotated[int, Doc("Capacity, in batches, of each channel between actors.")] = 8
     unit_events: Annotated[int, Doc(
         "Events an enricher gathers into one unit of work (from as many requests as are "

@@ -75,6 +75,18 @@ LATE_EVENTS = Counter("evactors_late_events", "Events older than their session's
 REMAPS = Counter("evactors_remaps", "Anonymous ids re-mapped (bin/evactors remap)", registry=REGISTRY)
 
 
+LEASES_TAKEN = Counter("evactors_shard_leases_taken", "Session shards taken by lease (at start, or again "
+                       "after a lapse)", registry=REGISTRY)
+
+
+LEASES_LOST = Counter("evactors_shard_leases_lost", "Session shards whose lease another owner took "
+                      "(this one stopped writing them)", registry=REGISTRY)
+
+
+FENCED = Counter("evactors_fenced_commits", "Session commits refused by their shard's fence (nothing "
+                 "written; retried under a new lease, or dropped with the lease)", registry=REGISTRY)
+
+
 SESSIONS_CLOSED = Counter("evactors_sessions_closed", "Sessions closed", registry=REGISTRY)
 
 

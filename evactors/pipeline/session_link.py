@@ -197,6 +197,7 @@ class WorkerParams:
     log_level: str
     log_format: str
     parent: int
+    instance: str  # the service's instance name: the worker's leases carry it
     pipeline: dict[str, Any]  # the service's [pipeline] section
     supervisor: dict[str, float]  # restarts and backoff, as the service's own actors have
 

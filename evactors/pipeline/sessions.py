@@ -45,8 +45,9 @@ from evactors.core.sharding import shard_of
 from evactors.ops import metrics
 from evactors.store.dedup import ShardDedup, fingerprint
 from evactors.store.keys import Keys
+from evactors.store.leases import Lease, ShardLeases
 from evactors.store.redis_io import RedisIO, retrying
-from evactors.store.resp import Command
+from evactors.store.resp import Command, FenceMoved
 
 if TYPE_CHECKING:
     from evactors.core.config import PipelineConfig
@@ -212,8 +213,11 @@ class SessionShard:
     def __init__(self, shard: int, redis: RedisIO, keys: Keys, timeout_s: int, dedup_s: int,
                  clock: Callable[[], float] = time.time, *, lateness_s: int = 60,
                  shards: int = 1, max_held_view_bytes: int = 4096, dedup_bucket_s: int = 3600,
-                 state_cache: int = 20_000) -> None:
+                 state_cache: int = 20_000, lease: Lease | None = None) -> None:
         self.shard = shard
+        # the shard's lease: commits run under its fence (none: unfenced, for benchmarks)
+        self.lease = lease
+        self.token: int | None = None  # the fence under which memory was read
         self.max_held_view_bytes = max_held_view_bytes
         self.shards = shards
         self.redis = redis
@@ -229,6 +233,16 @@ class SessionShard:
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
+
+    def _held(self) -> None:
+        """Before a unit: ``LeaseLost`` if the shard is not ours; memory read under another
+        token than the lease's (it lapsed and was taken again) is read again."""
+        if self.lease is None:
+            return
+        self.lease.fence()
+        if self.lease.token != self.token:
+            self.forget(everything=True)
+            self.token = self.lease.token
 
     def state_key(self, project: str, device: str) -> str:
         return self.keys.user_state(self.shard, project, device)
@@ -494,7 +508,12 @@ class SessionShard:
         """Commit, then keep in memory what was committed."""
         if not commit.fingerprints and not commit.aliases and not commit.states and not commit.rows:
             return
-        replies = await self.redis.execute(self._commands(commit))
+        fence = None if self.lease is None else (self.lease.fence_key, b"%d" % (self.token or 0))
+        try:
+            replies = await self.redis.execute(self._commands(commit), fence=fence)
+        except FenceMoved:
+            metrics.FENCED.inc()
+            raise
         for reply in replies:
             if isinstance(reply, Exception):  # a refused command aborts the whole EXEC
                 raise reply
@@ -531,6 +550,7 @@ class SessionShard:
         self.dedup.failed()
         if everything:
             self.dedup.loaded = False
+            self.token = None
 
     async def process(self, items: list[Enriched]) -> Commit:
         """Dedup, sessionize and commit one unit. Safe to re-run after a failure."""
@@ -541,6 +561,7 @@ class SessionShard:
             raise
 
     async def _process(self, items: list[Enriched]) -> Commit:
+        self._held()
         now = self._now_ms()
         items = sorted(items, key=_unit_order(items))
         await self.dedup.prepare(self.redis, now)
@@ -594,6 +615,7 @@ class SessionShard:
             raise
 
     async def _sweep(self, close_all: bool) -> Commit | None:
+        self._held()
         now = self._now_ms()
         index = self.keys.session_index(self.shard)
         cutoff = "+inf" if close_all else now - self.timeout_ms
@@ -692,17 +714,20 @@ def start_shard_actors(nursery: trio.Nursery, supervise: Callable[..., Awaitable
                        pipe: PipelineConfig, redis: RedisIO, keys: Keys,
                        inboxes: Mapping[int, trio.MemoryReceiveChannel[ShardBatch]],
                        receipts: trio.MemorySendChannel[list[Receipt]],
-                       notices: trio.MemorySendChannel[Notice], replayed: trio.Event) -> None:
+                       notices: trio.MemorySendChannel[Notice], replayed: trio.Event,
+                       leases: ShardLeases) -> None:
     """One supervised ``session-N`` actor per shard of ``inboxes``, in the service or in a
     session worker alike: each restarts on its own, so a shard's crash costs that shard's
-    batch in hand. Each gets its own clones of ``receipts`` and ``notices``, closed when it ends."""
+    batch in hand. Each gets its own clones of ``receipts`` and ``notices``, closed when it
+    ends, and commits under its shard's lease (``leases``)."""
     actor = functools.partial(session_actor, close_on_shutdown=pipe.close_sessions_on_shutdown,
                               max_events=pipe.unit_events)
     for index, to_shard in inboxes.items():
         shard = SessionShard(index, redis, keys, pipe.session_timeout_seconds, pipe.dedup_window_seconds,
                              lateness_s=pipe.lateness_seconds, shards=pipe.session_shards,
                              max_held_view_bytes=pipe.max_held_view_bytes,
-                             dedup_bucket_s=pipe.dedup_bucket_seconds, state_cache=pipe.session_state_cache)
+                             dedup_bucket_s=pipe.dedup_bucket_seconds, state_cache=pipe.session_state_cache,
+                             lease=leases.leases[index])
         r, n = receipts.clone(), notices.clone()
         nursery.start_soon(functools.partial(
             supervise, f"session-{index}", actor, shard, to_shard, r, n, pipe.session_sweep_seconds,

@@ -40,6 +40,7 @@ from evactors.pipeline.session_link import (
 )
 from evactors.pipeline.sessions import start_shard_actors
 from evactors.service.supervisor import Supervisor
+from evactors.store import leases
 from evactors.store.keys import Keys
 from evactors.store.redis_io import RedisIO
 
@@ -112,13 +113,14 @@ async def _worker(params: WorkerParams) -> None:
         nursery.start_soon(watch_parent)
         nursery.start_soon(read_main)
         nursery.start_soon(push_counters)
-        async with trio.open_nursery() as pipeline:
+        async with (leases.hold(redis, keys, params.shards, params.instance, pipe.lease_seconds) as held,
+                    trio.open_nursery() as pipeline):
             pipeline.start_soon(write_main)
             pipeline.start_soon(publisher, Publisher(redis, keys), notice_rx)
             with receipts_tx, notice_tx:
                 start_shard_actors(pipeline, sup.supervise, pipe, redis, keys,
                                    {s: rx for s, (_tx, rx) in inboxes.items()}, receipts_tx, notice_tx,
-                                   replayed)
+                                   replayed, held)
         nursery.cancel_scope.cancel()
     redis.close()
 

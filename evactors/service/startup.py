@@ -6,8 +6,11 @@ Everything opened here is closed here, in reverse order, however the service end
 from __future__ import annotations
 
 import logging
+import secrets
+import socket
 from collections.abc import Callable
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -88,9 +91,21 @@ async def run(config: Config, ready: Callable[[dict[str, Any]], None] | None = N
             data_dir, list(write_keys.values()), config.read_keys)
         parts = Parts(redis, clickhouse, geoip, WriteKeys(write_keys),
                       AdminToken(load_or_create_admin_token(data_dir)), wait_aof, generated, embedded,
-                      WriteKeys(read_keys), new_read_keys)
+                      WriteKeys(read_keys), new_read_keys, instance_name(data_dir))
         return await serve(config, parts, ready, reload_config)
     return EXIT_OK  # pragma: no cover (the ExitStack does not swallow)
+
+
+def instance_name(data_dir: Path) -> str:
+    """This instance's name, kept in the data dir: its shards' leases carry it, so its own
+    restart takes them back at once (the data dir's lock proves the earlier run gone)."""
+    path = DataDir(data_dir).instance
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        name = f"{socket.gethostname()}-{secrets.token_hex(4)}"
+        path.write_text(name + "\n")
+        return name
 
 
 async def check_shards(redis: RedisIO, keys: Keys, shards: int) -> None:

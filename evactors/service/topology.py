@@ -72,6 +72,7 @@ from evactors.service.http.server import serve_http
 from evactors.service.signals import drain_deadline, reloader, watch_signals
 from evactors.service.status import Status
 from evactors.service.supervisor import ActorFailed, StartupError, Supervisor
+from evactors.store import leases
 from evactors.store.clickhouse import ClickHouse
 from evactors.store.keys import Keys
 from evactors.store.paths import DataDir
@@ -98,15 +99,16 @@ class Parts:
     embedded: EmbeddedValkey | None
     read_keys: WriteKeys = field(default_factory=lambda: WriteKeys({}))  # the live view's
     new_read_keys: dict[str, str] = field(default_factory=dict)  # generated now: printed once
+    instance: str = "evactors"  # this instance's name (the data dir's): its shards' leases carry it
 
 
-def worker_params(config: Config, redis_url: str, index: int, workers: int) -> WorkerParams:
+def worker_params(config: Config, redis_url: str, index: int, workers: int, instance: str) -> WorkerParams:
     pipe = config.pipeline
     return WorkerParams(
         redis_url=redis_url, redis_timeout=config.redis.timeout_seconds,
         key_prefix=config.redis.key_prefix,
         shards=[s for s in range(pipe.session_shards) if s % workers == index],
-        log_level=config.log.level, log_format=config.log.format, parent=os.getpid(),
+        log_level=config.log.level, log_format=config.log.format, parent=os.getpid(), instance=instance,
         pipeline=msgspec.to_builtins(pipe), supervisor=msgspec.to_builtins(config.supervisor))
 
 
@@ -207,7 +209,11 @@ async def serve(config: Config, parts: Parts, ready: Callable[[dict[str, Any]], 
                                     config.redis.aof_rewrite_seconds)
             root.start_soon(sup.supervise, "geoip-reloader", parts.geoip.watch,
                             config.geoip.reload_check_seconds)
-            async with trio.open_nursery() as actors:
+            workers = min(pipe.session_workers, pipe.session_shards)
+            # Session shards are held by lease (store.leases): by each worker, or here
+            in_process = leases.hold(redis, keys, range(pipe.session_shards), parts.instance, pipe.lease_seconds)
+            async with (contextlib.nullcontext() if workers else in_process) as held, \
+                    trio.open_nursery() as actors:
                 actors.start_soon(sup.supervise, "publisher", publisher, publish, notices_rx)
 
                 async def acker_then_drained() -> None:
@@ -219,18 +225,17 @@ async def serve(config: Config, parts: Parts, ready: Callable[[dict[str, Any]], 
                 actors.start_soon(functools.partial(sup.supervise, "flusher", flusher, flush,
                                                     config.flush.interval_seconds, drained,
                                                     flusher_notices, closes=(flusher_notices,)))
-                workers = min(pipe.session_workers, pipe.session_shards)
                 for w in range(workers):  # the shards in child processes, on other cores
-                    params = worker_params(config, redis.url, w, workers)
+                    params = worker_params(config, redis.url, w, workers, parts.instance)
                     inboxes = {s: to_shard[s][1] for s in params.shards}
                     receipts = receipts_tx.clone()
                     actors.start_soon(functools.partial(
                         sup.supervise, f"session-worker-{w}", worker_link, params, inboxes, receipts,
                         replayed, closes=(receipts,)))
-                if not workers:  # the shards in this process
+                if held is not None:  # the shards in this process
                     start_shard_actors(actors, sup.supervise, pipe, redis, keys,
                                        {i: rx for i, (_tx, rx) in enumerate(to_shard)},
-                                       receipts_tx, notices_tx, replayed)
+                                       receipts_tx, notices_tx, replayed, held)
                 shard_txs = [tx for tx, _ in to_shard]
                 for j in range(pipe.enrichers):
                     outs = [tx.clone() for tx in shard_txs]

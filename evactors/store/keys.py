@@ -38,6 +38,14 @@ class Keys:
     def flush_plan(self, shard: int) -> str:
         return f"{self.shard(shard)}:flush"  # a shard's own plan, as earlier versions made them
 
+    def lease(self, shard: int) -> str:
+        return f"{self.shard(shard)}:lease"  # string with a TTL: the owner of the shard
+
+    def fence(self, shard: int) -> str:
+        # the shard's fencing token, one more at each change of owner: every commit of the
+        # shard is a transaction that runs only while it holds its writer's token
+        return f"{self.shard(shard)}:fence"
+
     def session_index(self, shard: int) -> str:
         return f"{self.shard(shard)}:idx"  # zset: open session → last activity (wall ms)
 

@@ -20,6 +20,10 @@ class DataDir:
         return self.root / "write_key"  # the generated write key: KEY=PROJECT
 
     @property
+    def instance(self) -> Path:
+        return self.root / "instance"  # this instance's name: it owns its session shards by lease
+
+    @property
     def admin_token(self) -> Path:
         return self.root / "admin.token"
 

@@ -20,7 +20,7 @@ import redis
 import trio
 
 from evactors.ops import metrics
-from evactors.store.resp import Command, NativeRedis, Script, run_scripts
+from evactors.store.resp import Command, FenceMoved, NativeRedis, Script, run_scripts
 
 log = logging.getLogger("evactors.redis")
 
@@ -28,8 +28,10 @@ log = logging.getLogger("evactors.redis")
 T = TypeVar("T")
 
 
+# FenceMoved: retried by whoever holds the shard's lease again (``store.leases``), refused for good
+# (``LeaseLost``) by one who lost it.
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
-             redis.exceptions.TryAgainError, OSError)
+             redis.exceptions.TryAgainError, OSError, FenceMoved)
 
 
 # Error replies that describe a passing state of the server, not a bad command.
@@ -42,6 +44,23 @@ def transient(e: BaseException) -> bool:
     if isinstance(e, (*TRANSIENT, redis.exceptions.OutOfMemoryError)):  # redis-py drops "OOM"
         return True
     return isinstance(e, redis.ResponseError) and str(e).split(" ", 1)[0] in _RECOVERABLE_REPLIES
+
+
+def _fenced(client: Any, commands: Sequence[Command], fence: tuple[str, bytes]) -> list[Any]:
+    """redis-py's form of ``NativeRedis.execute`` with a fence (``commands``: MULTI … EXEC)."""
+    with client.pipeline(transaction=True) as pipe:
+        pipe.watch(fence[0])
+        held = pipe.get(fence[0])
+        if held != fence[1]:
+            raise FenceMoved(fence[0], held)
+        pipe.multi()
+        for command in commands[1:-1]:
+            pipe.execute_command(*command)
+        try:
+            result = pipe.execute(raise_on_error=False)
+        except redis.WatchError:
+            raise FenceMoved(fence[0], None) from None
+    return ["OK", *["QUEUED"] * (len(commands) - 2), result]
 
 
 def _pipeline(client: Any, commands: Sequence[Command]) -> list[Any]:
@@ -64,11 +83,15 @@ class RedisIO:
         # the hot paths' commands, in the trio thread (no thread hop); rediss:// stays on redis-py
         self.native = NativeRedis(url, timeout) if NativeRedis.supports(url) else None
 
-    async def execute(self, commands: Sequence[Command], check: bool = False) -> list[Any]:
+    async def execute(self, commands: Sequence[Command], check: bool = False,
+                      fence: tuple[str, bytes] | None = None) -> list[Any]:
         """``commands`` in one pipeline (one round trip); error replies come back in place,
-        as exceptions (``check``: the first is raised)."""
+        as exceptions (``check``: the first is raised). ``fence``: a MULTI … EXEC run only
+        while that key holds that value (one round trip more; ``NativeRedis.execute``)."""
         if self.native is not None:
-            replies = await self.native.execute(commands)
+            replies = await self.native.execute(commands, fence)
+        elif fence is not None:
+            replies = await self.run(functools.partial(_fenced, self.client, commands, fence))
         else:
             replies = await self.run(functools.partial(_pipeline, self.client, commands))
         if check:

@@ -52,6 +52,15 @@ def pack(commands: Sequence[Command]) -> bytes:
     return b"".join(out)
 
 
+class FenceMoved(redis.exceptions.RedisError):
+    """A fenced transaction refused: the fence key no longer holds the writer's token (its
+    shard was taken by another owner, or Redis lost the key). Nothing was written."""
+
+    def __init__(self, key: str, held: Any) -> None:
+        super().__init__(f"fence {key} holds {held!r}: not this writer's")
+        self.key = key
+
+
 class Script:
     """A Lua script called by SHA; loaded again when the server has lost it."""
 
@@ -139,9 +148,12 @@ class NativeRedis:
             raise
         return connection
 
-    async def execute(self, commands: Sequence[Command]) -> list[Any]:
+    async def execute(self, commands: Sequence[Command], fence: tuple[str, bytes] | None = None) -> list[Any]:
         """Run ``commands`` as one pipeline; error replies come back in place, as
-        exceptions (like redis-py's ``execute(raise_on_error=False)``)."""
+        exceptions (like redis-py's ``execute(raise_on_error=False)``). With ``fence`` (a key
+        and the value it must hold), on one connection: ``WATCH`` and ``GET`` of the key
+        first, then ``commands`` (a MULTI … EXEC) only if it holds that value, else
+        ``FenceMoved``; an EXEC refused because the key changed meanwhile raises it too."""
         with trio.CancelScope(shield=True):
             connection: _Connection | None = None
             try:
@@ -153,13 +165,24 @@ class NativeRedis:
                             connection = None
                     if connection is None:
                         connection = await self._connect()
+                    if fence is not None:
+                        _watched, held = await connection.execute([["WATCH", fence[0]], ["GET", fence[0]]])
+                        if held != fence[1]:
+                            await connection.execute([["UNWATCH"]])
+                            raise FenceMoved(fence[0], held)
                     replies = await connection.execute(commands)
+                    if fence is not None and replies and replies[-1] is None:
+                        raise FenceMoved(fence[0], None)  # EXEC refused: the fence moved under it
             except trio.TooSlowError:
                 await self._drop(connection)
                 raise redis.TimeoutError(f"no reply from redis within {self.timeout}s") from None
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
                 await self._drop(connection)
                 raise redis.ConnectionError(f"redis connection lost: {e}") from None
+            except FenceMoved:
+                if connection is not None:
+                    self.idle.append(connection)  # nothing is left watched on it
+                raise
             except BaseException:
                 await self._drop(connection)
                 raise

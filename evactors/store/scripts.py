@@ -139,3 +139,28 @@ for i = 1, #ARGV do
 end
 return moved
 """)
+
+
+# KEYS: a shard's lease, its fence. ARGV: owner, takeover prefix, lease ms.
+# The lease for ``owner``: renewed if it holds it; else taken (the fence moves on) if no one
+# holds it or its holder's name starts with the takeover prefix (an earlier incarnation of the
+# same instance); else refused. {1, fence} or {0, ms until the holder's lease expires}.
+ACQUIRE_LEASE = Script("""
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return {1, tonumber(redis.call('GET', KEYS[2]) or '0')}
+end
+if holder and string.sub(holder, 1, #ARGV[2]) ~= ARGV[2] then
+  return {0, redis.call('PTTL', KEYS[1])}
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return {1, redis.call('INCR', KEYS[2])}
+""")
+
+
+# KEYS: a shard's lease. ARGV: owner. Let go (a graceful stop): only its own.
+RELEASE_LEASE = Script("""
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+""")
