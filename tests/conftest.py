@@ -397,10 +397,11 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     write = terminalreporter.write_line
     write("")
     write("fault suite: every acknowledged event stored exactly once?")
-    write(f"{'test':<44} {'trials':>6} {'acked':>8} {'found':>8} {'lost':>5} {'doubled':>7}")
+    write(f"{'test':<44} {'trials':>6} {'acked':>8} {'found':>8} {'lost':>5} {'doubled':>7} {'takeover s':>10}")
     for r in FAULT_RESULTS:
+        takeover = f"{r['takeover_seconds']:.2f}" if "takeover_seconds" in r else "-"  # max, after kill -9
         write(f"{r['test']:<44} {r['trials']:>6} {r['acknowledged']:>8} {r['found']:>8} "
-              f"{r['lost']:>5} {r['doubled']:>7}")
+              f"{r['lost']:>5} {r['doubled']:>7} {takeover:>10}")
     total = {k: sum(r[k] for r in FAULT_RESULTS) for k in ("trials", "acknowledged", "found", "lost", "doubled")}
     write(f"{'total':<44} {total['trials']:>6} {total['acknowledged']:>8} {total['found']:>8} "
           f"{total['lost']:>5} {total['doubled']:>7}")

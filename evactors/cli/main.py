@@ -43,6 +43,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["redis"] = {"url": args.redis_url}
     if getattr(args, "clickhouse_dsn", None):
         out["clickhouse"] = {"dsn": args.clickhouse_dsn}
+    if getattr(args, "role", None):
+        out["roles"] = [r.strip() for r in args.role.split(",") if r.strip()]
     if getattr(args, "cluster", None) and not getattr(args, "print_sql", False):
         out.setdefault("clickhouse", {})["cluster"] = args.cluster
     return out
@@ -423,6 +425,8 @@ def parser() -> argparse.ArgumentParser:
                      help="a write key and its project (repeatable); replaces the config's keys")
     run.add_argument("--redis-url", help="Redis/Valkey URL instead of the embedded server")
     run.add_argument("--clickhouse-dsn", help="ClickHouse DSN instead of the embedded chDB")
+    run.add_argument("--role", metavar="ROLE,…", help="what this instance does: ingest, sessions, flusher "
+                     "(default: all three; docs/operations.md, Scale)")
     run.set_defaults(func=cmd_run)
 
     q = sub.add_parser("query", help="run SQL on the service's ClickHouse and print the result")

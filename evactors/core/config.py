@@ -27,6 +27,9 @@ RESERVED_ENV = frozenset({"EVACTORS_CONFIG", "EVACTORS_HOME", "EVACTORS_RUN_DIR"
                           "EVACTORS_TEST_POISON_EVENT", "EVACTORS_TEST_ADMIN_WRITES"})
 
 
+ROLES = ("ingest", "sessions", "flusher")
+
+
 class ConfigError(Exception):
     """A setting is unknown, mistyped or out of range. ``key`` is its dotted name."""
 
@@ -180,6 +183,10 @@ class PipelineConfig(_Section):
         "Session shards are owned by lease (docs/architecture.md): an instance that dies has its "
         "shards taken by another this many seconds after its last renewal (renewed every third "
         "of it); its own restart takes them at once.")] = 10.0
+    replay_after_seconds: Annotated[float, Doc(
+        "An ingest entry not finished after this many seconds is fed again (by any instance: its "
+        "own was lost, or the instance that took it died); the shards' dedup drops what was "
+        "done already.")] = 120.0
     channel_batches: Annotated[int, Doc("Capacity, in batches, of each channel between actors.")] = 8
     unit_events: Annotated[int, Doc(
         "Events an enricher gathers into one unit of work (from as many requests as are "
@@ -312,6 +319,12 @@ class Config(_Section):
         "Read key -> project id: what opens the live view (/live?key=…, /live/stream?key=…); "
         "write keys do not (browser write keys are public). A project without one gets a "
         "generated key, kept in DATA/read_key.PROJECT and printed when it is made.")] = {}
+    roles: Annotated[list[str], Doc(
+        "What this instance does (docs/operations.md, Scale): `ingest` (the HTTP API, enrichment), "
+        "`sessions` (holds session shards by lease; without it, its events go to the shards' "
+        "owners through Redis), `flusher` (writes ClickHouse; with the embedded engine, one "
+        "instance only). Env: EVACTORS_ROLES=\"ingest,sessions\". Flag: --role ingest,sessions.")] = \
+        msgspec.field(default_factory=lambda: list(ROLES))
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
@@ -353,6 +366,9 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
             continue
         if name in ("EVACTORS_WRITE_KEYS", "EVACTORS_READ_KEYS"):
             out[name.removeprefix(ENV_PREFIX).lower()] = parse_write_keys(raw.split(","), key=name)
+            continue
+        if name == "EVACTORS_ROLES":
+            out["roles"] = [r.strip() for r in raw.split(",") if r.strip()]
             continue
         path = known.get(name)
         if path is None:
@@ -507,6 +523,12 @@ def validate(c: Config) -> None:
                        ("limits.device_events_per_second", c.limits.device_events_per_second)]:
         if value < 0:
             raise ConfigError(key, f"expected 0 (no limit) or more, got {value}")
+    if not c.roles or set(c.roles) - set(ROLES):
+        raise ConfigError("roles", f"expected one or more of {', '.join(ROLES)}, got {c.roles!r}")
+    if c.pipeline.replay_after_seconds <= 0:
+        raise ConfigError("pipeline.replay_after_seconds", "expected more than 0")
+    if c.pipeline.lease_seconds < 0.3:
+        raise ConfigError("pipeline.lease_seconds", "expected 0.3 or more")
     if c.pipeline.session_workers < 0:
         raise ConfigError("pipeline.session_workers", "expected 0 (in process) or more")
     if c.supervisor.max_restarts < 0:

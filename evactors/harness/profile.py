@@ -28,7 +28,7 @@ STAGES = ("http server", "parse/ingest", "durable log", "enrich", "sessions", "w
 
 # Our modules, matched from the innermost frame out: the first that names a stage owns the
 # sample (a session actor's Redis call is the session actor's). Modules that serve several
-# stages (store/, core/blocks, core/model) name none.
+# stages (store/, core/blocks, core/units, core/model) name none.
 _OWN = (
     ("evactors/core/segment", "parse/ingest"), ("evactors/core/posthog", "parse/ingest"),
     ("evactors/core/openpanel", "parse/ingest"), ("evactors/core/limits", "parse/ingest"),

@@ -83,6 +83,10 @@ LEASES_LOST = Counter("evactors_shard_leases_lost", "Session shards whose lease 
                       "(this one stopped writing them)", registry=REGISTRY)
 
 
+FORWARDED = Counter("evactors_forwarded_events", "Events left in a shard's inbox for its owner (an "
+                    "instance that does not hold the shard took them)", registry=REGISTRY)
+
+
 FENCED = Counter("evactors_fenced_commits", "Session commits refused by their shard's fence (nothing "
                  "written; retried under a new lease, or dropped with the lease)", registry=REGISTRY)
 

@@ -26,13 +26,14 @@ exactly once.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import itertools
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 import trio
@@ -44,8 +45,9 @@ from evactors.core.model import BotRow, EventRow, Incoming, ProfileRow, SessionR
 from evactors.core.sharding import shard_of
 from evactors.ops import metrics
 from evactors.store.dedup import ShardDedup, fingerprint
+from evactors.store.inbox import Inbox
 from evactors.store.keys import Keys
-from evactors.store.leases import Lease, ShardLeases
+from evactors.store.leases import Lease, LeaseLost, ShardLeases
 from evactors.store.redis_io import RedisIO, retrying
 from evactors.store.resp import Command, FenceMoved
 
@@ -54,6 +56,8 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger("evactors.sessions")
+
+T = TypeVar("T")
 
 
 YEAR = 365 * 24 * 3600
@@ -71,6 +75,11 @@ MAX_HELD_VIEWS = 8
 
 
 REANONYMIZED = "re-anonymized"
+
+
+# How often a held shard looks into its inbox (events other instances took for it) while
+# its own batches do not bring it there sooner: the delay such an event may wait at most.
+INBOX_POLL_SECONDS = 0.05
 
 
 class ViewRef(msgspec.Struct, array_like=True):
@@ -165,6 +174,7 @@ class Commit:
         self.fingerprints: list[bytes] = []  # of the events accepted (see dedup)
         self.aliases: dict[str, str] = {}  # alias key → the id it resolves to
         self.states: dict[str, UserState] = {}  # the index follows each final state
+        self.taken_in: list[bytes] = []  # inbox entries this unit takes in (deleted by its commit)
 
     @property
     def rows(self) -> int:
@@ -501,12 +511,14 @@ class SessionShard:
             block = encode_block(Block(commit.events, commit.sessions, commit.profiles, commit.bots))
             commands += [["XADD", keys.buffer(shard), "*", "n", commit.rows, "d", block],
                          ["INCRBY", keys.buffer_count(shard), commit.rows]]
+        if commit.taken_in:
+            commands.append(["XDEL", keys.inbox(shard), *commit.taken_in])
         commands.append(["EXEC"])
         return commands
 
     async def _commit(self, commit: Commit) -> None:
         """Commit, then keep in memory what was committed."""
-        if not commit.fingerprints and not commit.aliases and not commit.states and not commit.rows:
+        if not (commit.fingerprints or commit.aliases or commit.states or commit.rows or commit.taken_in):
             return
         fence = None if self.lease is None else (self.lease.fence_key, b"%d" % (self.token or 0))
         try:
@@ -552,15 +564,16 @@ class SessionShard:
             self.dedup.loaded = False
             self.token = None
 
-    async def process(self, items: list[Enriched]) -> Commit:
-        """Dedup, sessionize and commit one unit. Safe to re-run after a failure."""
+    async def process(self, items: list[Enriched], taken_in: list[bytes] | None = None) -> Commit:
+        """Dedup, sessionize and commit one unit (with ``taken_in``, the inbox entries its
+        items came from, deleted by the same commit). Safe to re-run after a failure."""
         try:
-            return await self._process(items)
+            return await self._process(items, taken_in or [])
         except BaseException:
             self.forget()
             raise
 
-    async def _process(self, items: list[Enriched]) -> Commit:
+    async def _process(self, items: list[Enriched], taken_in: list[bytes]) -> Commit:
         self._held()
         now = self._now_ms()
         items = sorted(items, key=_unit_order(items))
@@ -581,6 +594,7 @@ class SessionShard:
         loaded = await self._load(state_keys, list(ids), source_keys)
         states, links = loaded.states, loaded.links
         commit = Commit()
+        commit.taken_in = taken_in
         fresh: set[bytes] = set()
         duplicates = 0
         for item, mark, was_seen in zip(items, prints, seen, strict=True):
@@ -656,30 +670,102 @@ async def session_actor(shard: SessionShard, to_shard: trio.MemoryReceiveChannel
                         receipts: trio.MemorySendChannel[list[Receipt]],
                         notices: trio.MemorySendChannel[Notice], sweep_every: float,
                         replayed: trio.Event, max_events: int = 2000,
-                        close_on_shutdown: bool = False) -> None:
-    """Receive shard batches (coalescing what is queued, up to ``max_events``), commit
-    them, report receipts.
+                        close_on_shutdown: bool = False, leases: ShardLeases | None = None,
+                        inbox: Inbox | None = None) -> None:
+    """Run one shard for as long as ``to_shard`` brings batches. While this instance holds
+    the shard's lease: commit its batches and what its inbox holds (``_hold``). While it does
+    not: leave its batches in the shard's inbox for the owner, wherever it runs, and try to
+    take the shard now and then (``_stand_by``). Without ``leases`` the shard is this actor's
+    alone (benchmarks, tests)."""
+    if leases is None or inbox is None:
+        await _hold(shard, to_shard, receipts, notices, sweep_every, replayed, max_events, close_on_shutdown)
+        return
+    lease = shard.lease
+    assert lease is not None, "a shard run under leases commits under its own"
+    while True:
+        if not lease.held and not await leases.try_acquire(shard.shard):
+            if not await _stand_by(shard.shard, to_shard, receipts, inbox, max_events, leases.renew_every):
+                return
+            continue
+        if await _hold(shard, to_shard, receipts, notices, sweep_every, replayed, max_events,
+                       close_on_shutdown, inbox, leases):
+            return
+        shard.forget(everything=True)  # lost: another owner writes it now
+
+
+async def _stand_by(shard: int, to_shard: trio.MemoryReceiveChannel[ShardBatch],
+                    receipts: trio.MemorySendChannel[list[Receipt]], inbox: Inbox, max_events: int,
+                    seconds: float) -> bool:
+    """For ``seconds``, forward what arrives for a shard held elsewhere to its inbox; False
+    once ``to_shard`` ended."""
+    with trio.move_on_after(seconds):
+        while True:
+            try:
+                batch = await to_shard.receive()
+            except trio.EndOfChannel:
+                return False
+            await _forward(inbox, shard, take_queued(to_shard, batch, limit=max_events,
+                                                     size=lambda b: len(b.events)), receipts)
+    return True
+
+
+async def _forward(inbox: Inbox, shard: int, batches: list[ShardBatch],
+                   receipts: trio.MemorySendChannel[list[Receipt]]) -> None:
+    """Leave ``batches`` in the shard's inbox; their part of each receipt is then done."""
+    await retrying(f"session-{shard} forward", inbox.forward, shard, batches)
+    metrics.FORWARDED.inc(sum(len(b.events) for b in batches))
+    finished = count_down([r for b in batches for r in b.receipts])
+    if finished:
+        await receipts.send(finished)
+
+
+async def _hold(shard: SessionShard, to_shard: trio.MemoryReceiveChannel[ShardBatch],
+                receipts: trio.MemorySendChannel[list[Receipt]],
+                notices: trio.MemorySendChannel[Notice], sweep_every: float,
+                replayed: trio.Event, max_events: int, close_on_shutdown: bool,
+                inbox: Inbox | None = None, leases: ShardLeases | None = None) -> bool:
+    """Receive shard batches (coalescing what is queued, up to ``max_events``) and the
+    shard's inbox, commit them, report receipts; True once ``to_shard`` ended, False when
+    the lease was lost (the batches in hand are forwarded to the inbox, for the new owner).
     Sweeps wait for the start-up replay: events a previous run accepted may continue
     sessions that look idle by the wall clock. When the to_shard ends (a graceful stop) and
     ``close_on_shutdown`` is set, every open session of the shard is closed first."""
     next_sweep = trio.current_time() + sweep_every
+    next_poll = trio.current_time()
+    after = b"-"  # the last inbox entry read
     while True:
         batch: ShardBatch | None = None
-        with trio.move_on_after(max(0.0, next_sweep - trio.current_time())):
+        wake = min(next_sweep, next_poll) if inbox is not None else next_sweep
+        with trio.move_on_after(max(0.0, wake - trio.current_time())):
             try:
                 batch = await to_shard.receive()
             except trio.EndOfChannel:
                 if close_on_shutdown:
-                    await _sweep_all(shard, close_all=True)
-                return
-        if trio.current_time() >= next_sweep and replayed.is_set():
-            await _sweep_all(shard)
-            next_sweep = trio.current_time() + sweep_every
-        if batch is None:
-            continue
-        batches = take_queued(to_shard, batch, limit=max_events, size=lambda b: len(b.events))
-        items = [e for b in batches for e in b.events]
-        commit = await retrying(f"session-{shard.shard} commit", shard.process, items)
+                    with contextlib.suppress(LeaseLost):
+                        await _sweep_all(shard, leases, close_all=True)
+                return True
+        batches = [] if batch is None else take_queued(to_shard, batch, limit=max_events,
+                                                       size=lambda b: len(b.events))
+        try:
+            if trio.current_time() >= next_sweep and replayed.is_set():
+                await _sweep_all(shard, leases)
+                next_sweep = trio.current_time() + sweep_every
+            taken_in: list[tuple[bytes, list[Enriched]]] = []
+            if inbox is not None and trio.current_time() >= next_poll:
+                taken_in = await retrying(f"session-{shard.shard} inbox", inbox.read, shard.shard, after)
+                next_poll = trio.current_time() + INBOX_POLL_SECONDS
+            if not batches and not taken_in:
+                continue
+            items = [e for b in batches for e in b.events] + [e for _id, unit in taken_in for e in unit]
+            commit = await _fenced(leases, f"session-{shard.shard} commit", shard.process, items,
+                                   [entry_id for entry_id, _unit in taken_in])
+        except LeaseLost as e:
+            log.warning("session-%d: %s; its batches go to its inbox, for the new owner", shard.shard, e)
+            if inbox is not None and batches:
+                await _forward(inbox, shard.shard, batches, receipts)
+            return False
+        if taken_in:
+            after = taken_in[-1][0]
         finished = count_down([r for b in batches for r in b.receipts])
         if finished:
             await receipts.send(finished)
@@ -702,10 +788,23 @@ def _ids(state_key: str) -> tuple[str, str]:
     return project, device
 
 
-async def _sweep_all(shard: SessionShard, close_all: bool = False) -> None:
+async def _fenced(leases: ShardLeases | None, what: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """``fn`` retried through Redis faults; a commit its shard's fence refused makes the
+    keeper look at the lease at once: the next try reads the state again under a new token,
+    or raises ``LeaseLost`` if another owner took the shard."""
+    while True:
+        try:
+            return await retrying(what, fn, *args)
+        except FenceMoved:
+            if leases is None:
+                raise
+            await leases.renew()
+
+
+async def _sweep_all(shard: SessionShard, leases: ShardLeases | None, close_all: bool = False) -> None:
     """Sweep until done: a full sweep may have left more behind it."""
     while True:
-        commit = await retrying(f"session-{shard.shard} sweep", shard.sweep, close_all)
+        commit = await _fenced(leases, f"session-{shard.shard} sweep", shard.sweep, close_all)
         if commit is None or (not close_all and len(commit.states) < SWEEP_LIMIT):
             return
 
@@ -721,7 +820,7 @@ def start_shard_actors(nursery: trio.Nursery, supervise: Callable[..., Awaitable
     batch in hand. Each gets its own clones of ``receipts`` and ``notices``, closed when it
     ends, and commits under its shard's lease (``leases``)."""
     actor = functools.partial(session_actor, close_on_shutdown=pipe.close_sessions_on_shutdown,
-                              max_events=pipe.unit_events)
+                              max_events=pipe.unit_events, leases=leases, inbox=Inbox(redis, keys))
     for index, to_shard in inboxes.items():
         shard = SessionShard(index, redis, keys, pipe.session_timeout_seconds, pipe.dedup_window_seconds,
                              lateness_s=pipe.lateness_seconds, shards=pipe.session_shards,

@@ -21,6 +21,7 @@ import trio
 from evactors.core.channels import take_queued
 from evactors.core.config import Config, PipelineConfig, SupervisorConfig
 from evactors.core.messages import Notice, Receipt, ShardBatch
+from evactors.core.units import decode_unit
 from evactors.ops import logs
 from evactors.pipeline.publisher import Publisher, publisher
 from evactors.pipeline.session_link import (
@@ -34,7 +35,6 @@ from evactors.pipeline.session_link import (
     Done,
     FrameReader,
     WorkerParams,
-    decode_unit,
     encode_done,
     frame,
 )

@@ -82,7 +82,6 @@ from evactors.store.valkey import EmbeddedValkey
 
 log = logging.getLogger("evactors.supervisor")
 
-REPLAY_AFTER_SECONDS = 120.0  # an entry in flight longer than this was lost by a crashed actor
 
 
 @dataclass
@@ -189,7 +188,11 @@ async def serve(config: Config, parts: Parts, ready: Callable[[dict[str, Any]], 
                 admin_at.append(await listeners.start(functools.partial(
                     serve_admin, admin_app, admin_bind(config.admin.listen, data_dir),
                     shutdown, max(1.0, config.supervisor.drain_seconds / 3))))
-                await serve_http(app, config, shutdown, task_status=task_status)
+                if "ingest" in config.roles:
+                    await serve_http(app, config, shutdown, task_status=task_status)
+                else:  # no public listener: the admin API and /metrics only
+                    task_status.started([])
+                    await shutdown.wait()
 
     try:
         async with trio.open_nursery() as root:
@@ -209,9 +212,12 @@ async def serve(config: Config, parts: Parts, ready: Callable[[dict[str, Any]], 
                                     config.redis.aof_rewrite_seconds)
             root.start_soon(sup.supervise, "geoip-reloader", parts.geoip.watch,
                             config.geoip.reload_check_seconds)
-            workers = min(pipe.session_workers, pipe.session_shards)
-            # Session shards are held by lease (store.leases): by each worker, or here
-            in_process = leases.hold(redis, keys, range(pipe.session_shards), parts.instance, pipe.lease_seconds)
+            sessions = "sessions" in config.roles
+            workers = min(pipe.session_workers, pipe.session_shards) if sessions else 0
+            # Session shards are held by lease (store.leases): by each worker, or here; an
+            # instance without the sessions role takes none, and forwards their events
+            in_process = leases.hold(redis, keys, range(pipe.session_shards), parts.instance, pipe.lease_seconds,
+                                     take=sessions)
             async with (contextlib.nullcontext() if workers else in_process) as held, \
                     trio.open_nursery() as actors:
                 actors.start_soon(sup.supervise, "publisher", publisher, publish, notices_rx)
@@ -221,10 +227,11 @@ async def serve(config: Config, parts: Parts, ready: Callable[[dict[str, Any]], 
                     drained.set()
 
                 actors.start_soon(acker_then_drained)
-                flusher_notices = notices_tx.clone()
-                actors.start_soon(functools.partial(sup.supervise, "flusher", flusher, flush,
-                                                    config.flush.interval_seconds, drained,
-                                                    flusher_notices, closes=(flusher_notices,)))
+                if "flusher" in config.roles:
+                    flusher_notices = notices_tx.clone()
+                    actors.start_soon(functools.partial(sup.supervise, "flusher", flusher, flush,
+                                                        config.flush.interval_seconds, drained,
+                                                        flusher_notices, closes=(flusher_notices,)))
                 for w in range(workers):  # the shards in child processes, on other cores
                     params = worker_params(config, redis.url, w, workers, parts.instance)
                     inboxes = {s: to_shard[s][1] for s in params.shards}
@@ -250,7 +257,7 @@ async def serve(config: Config, parts: Parts, ready: Callable[[dict[str, Any]], 
                 notices_tx.close()
                 to_enrich_rx.close()
                 replay_tx = to_enrich_tx.clone()
-                replay = Replayer(redis, keys, in_flight, replay_tx, REPLAY_AFTER_SECONDS, dead_letters)
+                replay = Replayer(redis, keys, in_flight, replay_tx, pipe.replay_after_seconds, dead_letters)
                 actors.start_soon(functools.partial(sup.supervise, "replayer", replayer, replay,
                                                     shutdown, replayed, closes=(replay_tx,)))
                 to_enrich_tx.close()

@@ -38,6 +38,11 @@ class Keys:
     def flush_plan(self, shard: int) -> str:
         return f"{self.shard(shard)}:flush"  # a shard's own plan, as earlier versions made them
 
+    def inbox(self, shard: int) -> str:
+        # stream: units of the shard's events left by an instance that does not hold it, for
+        # its owner, wherever it runs (deleted by the commit that takes them in)
+        return f"{self.shard(shard)}:inbox"
+
     def lease(self, shard: int) -> str:
         return f"{self.shard(shard)}:lease"  # string with a TTL: the owner of the shard
 

@@ -45,15 +45,18 @@ class Lease:
         self.shard = shard
         self.fence_key = fence_key
         self.token: int | None = None
-        self.lost = False  # taken by another owner: for good
+        self.lost = False  # taken by another owner (it may be taken again once free)
+        self.tried = False  # taken (or tried) by this incarnation already
 
     def fence(self) -> tuple[str, bytes]:
-        """The fence a commit runs under; ``LeaseLost`` once the shard is another's."""
-        if self.lost:
-            raise LeaseLost(f"shard {self.shard} is held by another owner")
-        if self.token is None:
-            raise LeaseLost(f"shard {self.shard} is not held")
+        """The fence a commit runs under; ``LeaseLost`` unless the shard is held."""
+        if self.token is None or self.lost:
+            raise LeaseLost(f"shard {self.shard} is {'held by another owner' if self.lost else 'not held'}")
         return self.fence_key, b"%d" % self.token
+
+    @property
+    def held(self) -> bool:
+        return self.token is not None and not self.lost
 
     def _set(self, token: int | None, lost: bool = False) -> None:
         self.token, self.lost = token, lost
@@ -63,8 +66,9 @@ class ShardLeases:
     """The leases of some shards, held by one owner (``hold``)."""
 
     def __init__(self, redis: RedisIO, keys: Keys, shards: Sequence[int], instance: str,
-                 lease_seconds: float) -> None:
+                 lease_seconds: float, take: bool = True) -> None:
         self.redis, self.keys = redis, keys
+        self.take = take  # False: an instance without the sessions role holds no shard
         self.instance = instance
         self.owner = f"{instance}/{secrets.token_hex(6)}"
         self.ttl_ms = int(lease_seconds * 1000)
@@ -78,25 +82,26 @@ class ShardLeases:
             [self.owner, takeover, self.ttl_ms])
         return bool(taken), int(value)
 
-    async def acquire_all(self) -> None:
-        """Take every shard, waiting for leases of other instances to expire."""
-        waiting = set(self.leases)
-        while waiting:
-            for shard in sorted(waiting):
-                taken, value = await retrying("lease", self._acquire, shard, f"{self.instance}/")
-                if taken:
-                    self.leases[shard]._set(value)
-                    waiting.discard(shard)
-                    metrics.LEASES_TAKEN.inc()
-            if waiting:
-                log.warning("waiting for the leases of shards %s (held by another instance)",
-                            ",".join(map(str, sorted(waiting))))
-                await trio.sleep(min(self.renew_every, 1.0))
+    async def try_acquire(self, shard: int) -> bool:
+        """Take the shard if it is free. Its first try by this incarnation also takes it from
+        an earlier incarnation of this instance (never later: an orphan that lost it must not
+        take it back from its successor)."""
+        lease = self.leases[shard]
+        if not self.take:
+            return False
+        takeover = self.owner if lease.tried else f"{self.instance}/"
+        lease.tried = True
+        taken, value = await retrying("lease", self._acquire, shard, takeover)
+        if taken:
+            lease._set(value)
+            metrics.LEASES_TAKEN.inc()
+            log.info("session-%d: shard taken (fence %d)", shard, value)
+        return taken
 
     async def renew(self) -> None:
         """Renew each lease; one that lapsed is taken again if free, lost if another's."""
         for shard, lease in self.leases.items():
-            if lease.lost:
+            if not lease.held:
                 continue
             taken, value = await retrying("lease", self._acquire, shard, self.owner)
             if taken:
@@ -108,19 +113,21 @@ class ShardLeases:
                 metrics.LEASES_LOST.inc()
                 lease._set(None, lost=True)
 
-    async def release(self) -> None:
+    async def release(self, shard: int | None = None) -> None:
+        """Let go of one shard (or all): another instance may take it at once."""
         with trio.move_on_after(2):
-            for shard in self.leases:
-                await self.redis.script(scripts.RELEASE_LEASE, [self.keys.lease(shard)], [self.owner])
+            for s in self.leases if shard is None else [shard]:
+                if self.leases[s].held:
+                    self.leases[s]._set(None)
+                    await self.redis.script(scripts.RELEASE_LEASE, [self.keys.lease(s)], [self.owner])
 
 
 @asynccontextmanager
 async def hold(redis: RedisIO, keys: Keys, shards: Sequence[int], instance: str,
-               lease_seconds: float) -> AsyncIterator[ShardLeases]:
-    """Take the leases of ``shards`` (waiting as long as another instance holds them), keep
-    them renewed in a task of our own, and let them go at the end."""
-    leases = ShardLeases(redis, keys, shards, instance, lease_seconds)
-    await leases.acquire_all()
+               lease_seconds: float, take: bool = True) -> AsyncIterator[ShardLeases]:
+    """The leases of ``shards``, for their actors to take (``try_acquire``), kept renewed in
+    a task of our own and let go at the end."""
+    leases = ShardLeases(redis, keys, shards, instance, lease_seconds, take)
     async with trio.open_nursery() as nursery:
 
         async def keep() -> None:

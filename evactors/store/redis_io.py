@@ -28,10 +28,8 @@ log = logging.getLogger("evactors.redis")
 T = TypeVar("T")
 
 
-# FenceMoved: retried by whoever holds the shard's lease again (``store.leases``), refused for good
-# (``LeaseLost``) by one who lost it.
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
-             redis.exceptions.TryAgainError, OSError, FenceMoved)
+             redis.exceptions.TryAgainError, OSError)
 
 
 # Error replies that describe a passing state of the server, not a bad command.

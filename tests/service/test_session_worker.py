@@ -17,8 +17,9 @@ import trio.testing
 from conftest import Sender, Service, message, run_cli
 from evactors.core.messages import Enriched, Receipt, ShardBatch
 from evactors.core.model import BotRow, Context, EventRow, Incoming
+from evactors.core.units import decode_unit, encode_unit
 from evactors.ops import metrics
-from evactors.pipeline.session_link import DONE, UNIT, CounterDeltas, FrameReader, decode_unit, encode_unit, frame
+from evactors.pipeline.session_link import DONE, UNIT, CounterDeltas, FrameReader, frame
 
 
 def _row(name: str, i: int) -> EventRow:

@@ -1,0 +1,146 @@
+"""Several instances on one Redis (a Valkey server of the test's own): any instance takes any
+request, each visitor's events reach the one owner of its shard (through the shard's inbox
+when another instance took them), and a killed owner's shards are taken over by lease, its
+sessions continued — every acknowledged event stored exactly once."""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+import uuid
+from collections import defaultdict
+from typing import Any
+
+import httpx
+import pytest
+import redis as redis_py
+
+from conftest import Service, record_fault_result
+
+LEASE_SECONDS = 2.0
+KEY = "evx"
+
+
+def shared_env(valkey: Any, roles: str) -> dict[str, str]:
+    return {"EVACTORS_REDIS_URL": f"unix://{valkey.unix_socket_path}", "EVACTORS_ROLES": roles,
+            "EVACTORS_PIPELINE_LEASE_SECONDS": str(LEASE_SECONDS),
+            "EVACTORS_PIPELINE_REPLAY_AFTER_SECONDS": "5"}
+
+
+def holders(valkey: Any, shards: int = 4) -> list[str]:
+    client = redis_py.Redis(unix_socket_path=str(valkey.unix_socket_path))
+    try:
+        return [(client.get(f"{KEY}:{{s{s}}}:lease") or b"").decode() for s in range(shards)]
+    finally:
+        client.close()
+
+
+def instance(service: Service) -> str:
+    return (service.data_dir / "instance").read_text().strip()
+
+
+class Visitors:
+    """Track events of a few visitors, each request (1–3 events of one visitor) sent to an
+    instance picked at random: no affinity. Remembers what was acknowledged."""
+
+    def __init__(self, services: list[Service], visitors: int = 24) -> None:
+        self.services = services
+        self.clock = {f"v{i}": int(time.time() * 1000) for i in range(visitors)}
+        self.acked: dict[str, str] = {}  # messageId → visitor
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.client = httpx.Client(timeout=10)
+
+    def send_one(self, rng: random.Random) -> None:
+        visitor = rng.choice(sorted(self.clock))
+        msgs = []
+        for _ in range(rng.randint(1, 3)):
+            self.clock[visitor] += rng.randint(1000, 20_000)  # within a session (30 min)
+            msgs.append({"type": "track", "event": "Step", "anonymousId": visitor, "messageId": str(uuid.uuid4()),
+                         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.clock[visitor] / 1000))
+                         + f".{self.clock[visitor] % 1000:03d}Z"})
+        target = rng.choice([s for s in self.services if s.proc is not None and s.proc.poll() is None])
+        try:
+            r = self.client.post(f"{target.url}/v1/batch", json={"batch": msgs}, auth=("key-a", ""))
+        except httpx.HTTPError:
+            return
+        if r.status_code == 200:
+            with self.lock:
+                self.acked.update({m["messageId"]: visitor for m in msgs})
+
+    def run(self, seed: int) -> None:
+        rng = random.Random(seed)
+        while not self.stop.is_set():
+            self.send_one(rng)
+            time.sleep(0.005)
+
+
+def check_exactly_once_and_sessions(flusher: Service, acked: dict[str, str], name: str,
+                                    trials: int = 1) -> dict[str, Any]:
+    rows = flusher.wait_rows("SELECT message_id, device_id, session_id FROM evactors.events "
+                             "WHERE name = 'Step'", len(acked), timeout=120)
+    result = record_fault_result(name, trials, set(acked), [r["message_id"] for r in rows])
+    assert result["lost"] == 0 and result["doubled"] == 0, result
+    sessions: dict[str, set[str]] = defaultdict(set)
+    for r in rows:
+        sessions[r["device_id"]].add(r["session_id"])
+    # every visitor's events are minutes apart: one session each, whichever instance took them
+    assert {d: len(s) for d, s in sessions.items()} == {d: 1 for d in set(acked.values())}
+    assert len({next(iter(s)) for s in sessions.values()}) == len(sessions)
+    return result
+
+
+def test_any_instance_takes_any_request_and_sessions_stay_exact(make_service: Any, valkey: Any) -> None:
+    a = make_service("a", env=shared_env(valkey, "ingest,sessions,flusher")).start()
+    deadline = time.monotonic() + 20
+    while not all(h.startswith(instance(a) + "/") for h in holders(valkey)):  # a holds every shard
+        assert time.monotonic() < deadline, holders(valkey)
+        time.sleep(0.1)
+    b = make_service("b", env=shared_env(valkey, "ingest,sessions")).start()
+    load = Visitors([a, b])
+    rng = random.Random(7)
+    for _ in range(150):
+        load.send_one(rng)
+    check_exactly_once_and_sessions(a, load.acked, "two instances, no affinity")
+    forwarded = [line for line in b.metrics().splitlines() if line.startswith("evactors_forwarded_events_total ")]
+    assert forwarded and float(forwarded[0].split()[1]) > 0  # b held no shard: it forwarded
+    # b has no flusher: its own (embedded) ClickHouse got nothing
+    assert b.query("SELECT count() AS n FROM evactors.events")[0]["n"] == 0
+
+
+@pytest.mark.slow
+def test_a_killed_shard_owner_is_taken_over_by_lease_and_nothing_is_lost_or_doubled(
+        make_service: Any, valkey: Any) -> None:
+    """kill -9 of the instance holding every shard, again and again under load spread over
+    both instances: the other takes its shards within the lease, continuing its sessions."""
+    a = make_service("a", env=shared_env(valkey, "ingest,sessions,flusher")).start()
+    b = make_service("b", env=shared_env(valkey, "ingest,sessions")).start()
+    load = Visitors([a, b])
+    senders = [threading.Thread(target=load.run, args=(i,), daemon=True) for i in range(3)]
+    for t in senders:
+        t.start()
+    takeovers: list[float] = []
+    try:
+        for trial in range(4):
+            time.sleep(2 + trial)
+            owner = a if any(h.startswith(instance(a) + "/") for h in holders(valkey)) else b
+            other = b if owner is a else a
+            owner.stop(signal.SIGKILL)
+            killed = time.monotonic()
+            while not all(h.startswith(instance(other) + "/") for h in holders(valkey)):
+                assert time.monotonic() - killed < LEASE_SECONDS + 10, holders(valkey)
+                time.sleep(0.05)
+            takeovers.append(time.monotonic() - killed)
+            time.sleep(1)
+            owner.start()  # back, without the shards (held by the other now)
+    finally:
+        load.stop.set()
+        for t in senders:
+            t.join(20)
+    result = check_exactly_once_and_sessions(a, load.acked, "kill -9 of the shard owner (2 instances)",
+                                             trials=len(takeovers))
+    result["takeover_seconds"] = round(max(takeovers), 2)
+    print(f"takeover after kill -9: {', '.join(f'{t:.2f}' for t in takeovers)} s (lease {LEASE_SECONDS} s)")
+    assert max(takeovers) < LEASE_SECONDS + 2
