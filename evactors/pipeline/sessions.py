@@ -698,15 +698,18 @@ async def _stand_by(shard: int, to_shard: trio.MemoryReceiveChannel[ShardBatch],
                     seconds: float) -> bool:
     """For ``seconds``, forward what arrives for a shard held elsewhere to its inbox; False
     once ``to_shard`` ended."""
-    with trio.move_on_after(seconds):
-        while True:
+    deadline = trio.current_time() + seconds
+    while True:
+        batch: ShardBatch | None = None
+        with trio.move_on_after(max(0.0, deadline - trio.current_time())):  # never around a forward
             try:
                 batch = await to_shard.receive()
             except trio.EndOfChannel:
                 return False
-            await _forward(inbox, shard, take_queued(to_shard, batch, limit=max_events,
-                                                     size=lambda b: len(b.events)), receipts)
-    return True
+        if batch is None:
+            return True
+        await _forward(inbox, shard, take_queued(to_shard, batch, limit=max_events,
+                                                 size=lambda b: len(b.events)), receipts)
 
 
 async def _forward(inbox: Inbox, shard: int, batches: list[ShardBatch],
@@ -734,6 +737,10 @@ async def _hold(shard: SessionShard, to_shard: trio.MemoryReceiveChannel[ShardBa
     next_poll = trio.current_time()
     after = b"-"  # the last inbox entry read
     while True:
+        if leases is not None and leases.hand_off(shard.shard):  # between two units
+            log.info("session-%d: handed to %s (preferred for it)", shard.shard, leases.preferred(shard.shard))
+            await leases.release(shard.shard)
+            return False
         batch: ShardBatch | None = None
         wake = min(next_sweep, next_poll) if inbox is not None else next_sweep
         with trio.move_on_after(max(0.0, wake - trio.current_time())):

@@ -25,6 +25,8 @@ class Keys:
         self.dead_letter = f"{prefix}:dead"  # stream: what could not be processed, with why
         self.meta = f"{prefix}:meta"  # hash: facts the stored data depends on (shard count)
         self.flush_plan_all = f"{prefix}:flush"  # the flush being carried out, over all shards
+        # zset: the instances that hold session shards → until when (ms) they are alive
+        self.members = f"{prefix}:members"
 
     def shard(self, shard: int) -> str:
         return f"{self.prefix}:{{s{shard}}}"

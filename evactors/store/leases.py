@@ -10,6 +10,14 @@ lease, an instance cut off by a partition — can never write again: its commit 
 and nothing of it lands. The lease only says who is alive; the fence is what keeps a stale
 owner out, so no clock has to be trusted for correctness.
 
+Shards spread over the live instances by themselves: each instance with the sessions role
+says it is alive in ``evx:members`` (renewed with its leases), and every shard has one
+preferred instance among the live ones (rendezvous hashing: the same answer everywhere, and
+a join or a leave moves only the shards it must). An owner hands a shard it is not preferred
+for to the preferred one (between two units: it lets go, the other takes it at its next look),
+and a standby takes a free shard at once if it is preferred, else only once the shard has
+been free for a whole lease (its preferred instance is not taking it).
+
 Owners are named ``INSTANCE/INCARNATION``. An instance (a data dir, whose lock proves any
 earlier holder of that name dead or dying) takes its own earlier incarnations' leases at
 once, when it starts; another instance's only once they expired. A lease lost while running
@@ -21,6 +29,8 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
+import zlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -47,6 +57,7 @@ class Lease:
         self.token: int | None = None
         self.lost = False  # taken by another owner (it may be taken again once free)
         self.tried = False  # taken (or tried) by this incarnation already
+        self.free_since: float | None = None  # seen free (not preferred here), since when
 
     def fence(self) -> tuple[str, bytes]:
         """The fence a commit runs under; ``LeaseLost`` unless the shard is held."""
@@ -72,8 +83,31 @@ class ShardLeases:
         self.instance = instance
         self.owner = f"{instance}/{secrets.token_hex(6)}"
         self.ttl_ms = int(lease_seconds * 1000)
+        self.lease_seconds = lease_seconds
         self.renew_every = lease_seconds / 3
         self.leases = {s: Lease(s, keys.fence(s)) for s in shards}
+        self.members: list[str] = []  # the live instances that hold shards, as last read
+
+    def preferred(self, shard: int) -> str:
+        """The live instance this shard belongs with (this one, while none is known)."""
+        if not self.members:
+            return self.instance
+        return max(self.members, key=lambda m: (zlib.crc32(f"{m}\x00{shard}".encode()), m))
+
+    def hand_off(self, shard: int) -> bool:
+        """Held here while another live instance is preferred for it: let it go."""
+        return self.leases[shard].held and self.preferred(shard) != self.instance
+
+    async def heartbeat(self) -> None:
+        """Say this instance is alive (for a lease) and read who else is."""
+        if not self.take:
+            return
+        now = int(time.time() * 1000)
+        _added, _expired, members = await retrying("members", self.redis.execute, [
+            ["ZADD", self.keys.members, now + self.ttl_ms, self.instance],
+            ["ZREMRANGEBYSCORE", self.keys.members, "-inf", now],
+            ["ZRANGE", self.keys.members, 0, -1]], True)
+        self.members = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
 
     async def _acquire(self, shard: int, takeover: str) -> tuple[bool, int]:
         """(taken, fence) or (False, ms left of the holder's lease)."""
@@ -89,6 +123,16 @@ class ShardLeases:
         lease = self.leases[shard]
         if not self.take:
             return False
+        if lease.tried and self.preferred(shard) != self.instance:
+            # another live instance is preferred: take the shard only if it leaves it free
+            (holder,) = await retrying("lease", self.redis.execute, [["GET", self.keys.lease(shard)]], True)
+            if holder is not None:
+                lease.free_since = None
+                return False
+            lease.free_since = lease.free_since or time.monotonic()
+            if time.monotonic() - lease.free_since < self.lease_seconds:
+                return False
+        lease.free_since = None
         takeover = self.owner if lease.tried else f"{self.instance}/"
         lease.tried = True
         taken, value = await retrying("lease", self._acquire, shard, takeover)
@@ -100,6 +144,7 @@ class ShardLeases:
 
     async def renew(self) -> None:
         """Renew each lease; one that lapsed is taken again if free, lost if another's."""
+        await self.heartbeat()
         for shard, lease in self.leases.items():
             if not lease.held:
                 continue
@@ -114,8 +159,11 @@ class ShardLeases:
                 lease._set(None, lost=True)
 
     async def release(self, shard: int | None = None) -> None:
-        """Let go of one shard (or all): another instance may take it at once."""
+        """Let go of one shard, or of all and of the membership (a graceful stop): another
+        instance may take them at once."""
         with trio.move_on_after(2):
+            if shard is None and self.take:
+                await self.redis.execute([["ZREM", self.keys.members, self.instance]])
             for s in self.leases if shard is None else [shard]:
                 if self.leases[s].held:
                     self.leases[s]._set(None)
@@ -128,6 +176,7 @@ async def hold(redis: RedisIO, keys: Keys, shards: Sequence[int], instance: str,
     """The leases of ``shards``, for their actors to take (``try_acquire``), kept renewed in
     a task of our own and let go at the end."""
     leases = ShardLeases(redis, keys, shards, instance, lease_seconds, take)
+    await leases.heartbeat()
     async with trio.open_nursery() as nursery:
 
         async def keep() -> None:

@@ -240,3 +240,37 @@ async def test_an_owner_that_loses_its_lease_forwards_the_batch_in_hand(valkey: 
         assert [e.row.name for e in decode_unit(entry[1][b"u"])[2]] == ["InHand"]
         assert committed(redis) == []
         a.scope.cancel()
+
+
+async def test_a_joining_instance_is_handed_the_shards_it_is_preferred_for(valkey: Any) -> None:
+    """host-h is preferred for shard 0 over host-a (rendezvous hashing): when it joins, host-a
+    hands the shard over between two units and host-h continues its sessions; when host-h
+    leaves gracefully, host-a takes the shard back at once."""
+    redis = redis_of(valkey)
+    a, h = Instance("host-a", redis, 1.0), Instance("host-h", redis, 1.0)
+    now = int(time.time() * 1000)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.run)
+        await a.send("a-1", incoming("page", now, device="v1", properties={"path": "/one"}))
+        await a.done("a-1")
+        assert a.held is not None and a.held.leases[0].held
+        nursery.start_soon(h.run)
+        with trio.fail_after(5):
+            while h.held is None or not h.held.leases[0].held:
+                await trio.sleep(0.02)
+        assert not a.held.leases[0].held and a.held.members == ["host-a", "host-h"]
+        await a.send("a-2", incoming("track", now + 1000, device="v1", name="Moved"))  # a forwards it
+        await a.done("a-2")
+        with trio.fail_after(5):
+            while "Moved" not in [e.name for e in committed(redis)]:
+                await trio.sleep(0.05)
+        h.scope.cancel()  # a graceful leave: its lease and membership go at once
+        with trio.fail_after(3):
+            while not a.held.leases[0].held:
+                await trio.sleep(0.02)
+        await a.send("a-3", incoming("track", now + 2000, device="v1", name="Back"))
+        await a.done("a-3")
+        a.scope.cancel()
+    rows = {e.name: e for e in committed(redis)}
+    assert rows["Moved"].session_id == rows["Back"].session_id and rows["Moved"].path == "/one"
+    assert redis.client.xlen(KEYS.inbox(0)) == 0
