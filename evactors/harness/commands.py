@@ -19,6 +19,7 @@ from typing import Any
 from evactors.harness import loadtest
 from evactors.harness.loadtest import BenchService, LoadTest
 from evactors.harness.run import MAX_GUESS_EPS, PLAIN, ROOT, Options, Phase, RunResult, parse_phase, parse_range
+from evactors.store.paths import DataDir
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -91,7 +92,11 @@ def loadtest_parser() -> argparse.ArgumentParser:
         description="Send realistic Segment traffic to a running evactors (or any Segment-compatible "
         "endpoint) at a fixed rate or at max, measure it, and verify what was stored. Traffic goes to "
         "the given URL only: use it on 127.0.0.1.\n\n" + (loadtest.__doc__ or "").split("\n\n", 1)[1])
-    p.add_argument("--url", required=True, help="the service's base URL, e.g. http://127.0.0.1:8080")
+    p.add_argument("--url", required=True, action="append", help="the service's base URL, e.g. "
+                   "http://127.0.0.1:8080; repeated: instances of one service (one Redis), each request "
+                   "to one at random; the first is the one --data-dir and verification go with")
+    p.add_argument("--instance-data-dir", type=Path, action="append", default=[], metavar="DIR",
+                   help="another instance's data dir (repeatable): its CPU, apart and in the total")
     p.add_argument("--write-key", required=True)
     p.add_argument("--project", help="the write key's project (scopes the checks; needed for --remap)")
     mode = p.add_mutually_exclusive_group()
@@ -138,6 +143,9 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-floor", action="store_true", help="skip the infrastructure floor")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="extra environment for the service (e.g. EVACTORS_PIPELINE_ENRICHERS=2)")
+    p.add_argument("--instances", type=int, default=1, metavar="N",
+                   help="run N instances of the service on one Redis (the first's embedded Valkey; the others "
+                   "--role ingest,sessions), each request to one at random; CPU is shown per instance")
     p.add_argument("--service-bin", type=Path, metavar="PATH",
                    help="the bin/evactors to run as the service (default: this checkout's); another "
                    "checkout's, set up with bin/setup, measures before and after with the same harness")
@@ -149,7 +157,8 @@ def main_loadtest(argv: list[str]) -> int:
     from evactors.harness.report import finish_report
 
     args = loadtest_parser().parse_args(argv)
-    opts = _options(args, _phases(args, 1000.0), url=args.url, write_key=args.write_key, project=args.project,
+    opts = _options(args, _phases(args, 1000.0), url=args.url[0], urls=args.url[1:],
+                    instance_dirs=args.instance_data_dir, write_key=args.write_key, project=args.project,
                     run_id=args.run_id, data_dir=args.data_dir, redis_url=args.redis_url,
                     redis_prefix=args.redis_prefix, clickhouse_dsn=args.clickhouse_dsn, database=args.database,
                     pid=args.pid, drain_timeout=args.drain_timeout, verify=not args.no_verify)
@@ -206,8 +215,12 @@ def main_bench(argv: list[str]) -> int:
     if data_dir.exists() and any(data_dir.iterdir()):
         raise SystemExit(f"{data_dir} is not empty: bench needs a fresh data dir")
     env = dict(e.partition("=")[::2] for e in args.env)
-    service = BenchService(data_dir, "bench-key", "bench", env,
-                           args.service_bin.resolve() if args.service_bin else None)
+    service_bin = args.service_bin.resolve() if args.service_bin else None
+    service = BenchService(data_dir, "bench-key", "bench", env, service_bin)
+    # more instances: on the first one's Valkey, taking requests and shards, not flushing
+    others = [BenchService(report_dir / f"data-{i + 2}", "bench-key", "bench", {
+        **env, "EVACTORS_REDIS_URL": f"unix://{DataDir(data_dir).valkey_socket}",
+        "EVACTORS_ROLES": "ingest,sessions"}, service_bin) for i in range(max(0, args.instances - 1))]
     # SIGTERM (a timeout, a supervisor) unwinds like Ctrl-C, so the service is stopped, not orphaned.
     signal.signal(signal.SIGTERM, _exit_on_sigterm(os.getpid()))
     opts = _options(args, phases, url="", write_key="bench-key", project="bench", run_id=f"b{args.seed}",
@@ -215,17 +228,28 @@ def main_bench(argv: list[str]) -> int:
     opts = replace(opts, report_dir=report_dir)
     test = LoadTest(opts)
     say = test.say
+    result_notes: list[str] = []
     try:
         test.prepare()  # before the service starts: generation does not share the cores with it
         say(f"starting the service (data in {data_dir}) ...")
         service.start()
-        test.opts = opts = replace(opts, url=service.url)
+        for other in others:
+            other.start()
+        if others:
+            say(f"{len(others)} more instance(s): {', '.join(o.url for o in others)}")
+            time.sleep(5)  # the shards spread over the instances (a third of a lease apart)
+        test.opts = opts = replace(opts, url=service.url, urls=[o.url for o in others],
+                                   instance_dirs=[o.data_dir for o in others])
         test.run()
         say("sending done; waiting for the service to drain ...")
         test.drain()
         test.mark_stop()
         say("stopping the service (SIGTERM: it drains and closes its sessions) ...")
         stopped = time.monotonic()
+        for other in others:  # first: their shards go back to the first, which flushes them
+            other_code = other.stop()
+            if other_code != 0:
+                result_notes.append(f"instance {other.url} exited {other_code}; see {other.log_path}")
         code = service.stop()
         result = test.finish(wait=0.5)
         result.notes.append(f"service stop took {time.monotonic() - stopped:.1f}s, exit {code}")
@@ -234,7 +258,10 @@ def main_bench(argv: list[str]) -> int:
                                 "durable in Redis (a restart finishes it) and is not in ClickHouse yet")
         if code != 0:
             result.notes.append(f"the service exited {code} (expected 0); see {service.log_path}")
+        result.notes += result_notes
     finally:
+        for other in others:
+            other.kill()
         service.kill()  # first: cheap, and a no-op after a clean stop
         test.close()
     say("verifying ...")

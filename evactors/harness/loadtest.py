@@ -181,15 +181,18 @@ async def _sender(plan: Plan, index: int) -> None:
     lanes = [lane for lane in range(len(traffic.lanes)) if lane % opts.senders == index]
     buckets = Buckets(plan.t0)
     lag = new_hist()  # how late the harness sent, when it was free to send on time
-    host, port, _unix, prefix = _address(opts.url)
-    host_header = host if port in (0, 80) else f"{host}:{port}"
-    # Every request's head but its length is built once: bodies are pre-encoded by the generator.
+    # Every request's head but its length is built once, per target: bodies are pre-encoded by
+    # the generator. With several instances, each request goes to one of them at random.
     auth = "Basic " + base64.b64encode(f"{opts.write_key}:".encode()).decode()
-    plain = request_head("POST", prefix + "/v1/batch", host_header,
-                         {"Authorization": auth, "Content-Type": "application/json"})
-    wrong_key = request_head("POST", prefix + "/v1/batch", host_header,
-                             {"Authorization": "Basic " + base64.b64encode(b"no-such-key:").decode(),
-                              "Content-Type": "application/json"})
+    targets: list[tuple[str, int, str | None, bytes, bytes]] = []  # host, port, unix, heads
+    for url in [opts.url, *opts.urls]:
+        host, port, unix, prefix = _address(url)
+        host_header = host if port in (0, 80) else f"{host}:{port}"
+        targets.append((host, port, unix, request_head("POST", prefix + "/v1/batch", host_header, {
+            "Authorization": auth, "Content-Type": "application/json"}), request_head(
+            "POST", prefix + "/v1/batch", host_header, {
+                "Authorization": "Basic " + base64.b64encode(b"no-such-key:").decode(),
+                "Content-Type": "application/json"})))
     admin_host, admin_port, admin_unix, admin_prefix = (_address(plan.admin_address) if plan.admin_address
                                                         else ("localhost", 0, None, ""))
     remap = request_head("POST", admin_prefix + "/admin/remap", "admin",
@@ -198,10 +201,13 @@ async def _sender(plan: Plan, index: int) -> None:
     done = asyncio.Event()
     accepted_at = index * len(opts.phases)  # this sender's row of plan.accepted
 
-    async def send(client: Client, admin: Client, request: int, intended: float,
-                   phase: int) -> tuple[int, int, list[int] | None]:
+    async def send(clients: list[Client], admin: Client, request: int, intended: float,
+                   phase: int, pick: random.Random) -> tuple[int, int, list[int] | None]:
         """One request, retried after 503 or no answer; (status, attempts, rejected indices)."""
         flag = traffic.flags[request]
+        target = pick.randrange(len(clients)) if len(clients) > 1 else 0
+        client = clients[target]
+        plain, wrong_key = targets[target][3], targets[target][4]
         data = encode(remap if flag == REMAP else wrong_key if flag == WRONG_KEY else plain, traffic.bodies[request])
         plan.sent_at[request] = intended
         attempts = 0
@@ -247,12 +253,13 @@ async def _sender(plan: Plan, index: int) -> None:
         return None
 
     async def lane_task(lane: int) -> None:
-        client = Client(host, port, opts.timeout, _unix)
+        clients = [Client(host, port, opts.timeout, unix) for host, port, unix, _p, _w in targets]
         admin = Client(admin_host, admin_port, opts.timeout, admin_unix)
         first, count = traffic.lanes[lane]
         request, end = first, first + count
         results: list[tuple[int, int, int, list[int] | None]] = []
         loop_rng = random.Random(lane)
+        pick = random.Random(lane + 1_000_003)  # which instance each request goes to
         try:
             for phase_index, phase in enumerate(opts.phases):
                 p_start = plan.t0 + plan.starts[phase_index]
@@ -290,18 +297,20 @@ async def _sender(plan: Plan, index: int) -> None:
                         if delay > 0:
                             await asyncio.sleep(delay)
                             lag.record_value(max(1, min(int((time.monotonic() - intended) * 1e6), HIST_MAX_US)))
-                        results.append((request, *await send(client, admin, request, intended, phase_index)))
+                        results.append((request, *await send(clients, admin, request, intended, phase_index, pick)))
                         intended += max(1, traffic.messages[request]) / lane_rate
                         request += 1
                 else:
                     if time.monotonic() < p_start:
                         await asyncio.sleep(p_start - time.monotonic())
                     while request < end and time.monotonic() < p_end:
-                        results.append((request, *await send(client, admin, request, time.monotonic(), phase_index)))
+                        results.append((request, *await send(clients, admin, request, time.monotonic(),
+                                                             phase_index, pick)))
                         request += 1
                 plan.finished[accepted_at + phase_index] += 1
         finally:
-            client.close()
+            for client in clients:
+                client.close()
             admin.close()
         # ran dry: the lane had nothing left to send while its last phase was still on
         ran_dry = request >= end and time.monotonic() < plan.t0 + plan.starts[-1] + opts.phases[-1].seconds - 0.5
@@ -444,6 +453,12 @@ class Monitor:
                 self.service = psutil.Process(int(pid))
                 children = [c for c in self.service.children() if "valkey" in c.name() or "redis" in c.name()]
                 self.valkey = children[0] if children else None
+        self.others: list[Any] = []  # the other instances' main processes
+        for directory in opts.instance_dirs:
+            other = (service_info(directory) or {}).get("pid")
+            if other:
+                with contextlib.suppress(psutil.Error):
+                    self.others.append(psutil.Process(int(other)))
         self.harness: dict[str, Any] = {}
         for name, p in {"coordinator": os.getpid(), **harness_pids}.items():
             with contextlib.suppress(psutil.Error):
@@ -462,13 +477,14 @@ class Monitor:
         self.last_t = 0.0
         psutil.cpu_percent(None)
 
-    def _workers(self) -> list[Any]:
+    def _workers(self, service: Any = None) -> list[Any]:
         """The service's own child processes (session workers), its Valkey apart: part of
         the service's CPU and memory. Looked up each time: a restarted worker is new."""
-        if self.service is None:
+        service = service or self.service
+        if service is None:
             return []
         try:
-            children = self.service.children()
+            children = service.children()
         except self.psutil.Error:
             return []
         valkey = self.valkey.pid if self.valkey is not None else None
@@ -496,7 +512,12 @@ class Monitor:
         workers = self._workers()
         main_cpu = self._cpu(self.service) if self.service is not None else None
         s["service_main_cpu"] = cores(main_cpu) if main_cpu is not None else None
-        s["service_cpu"] = cores(main_cpu + sum(self._cpu(w) for w in workers)) if main_cpu is not None else None
+        # with several instances: the service is all of them, and each is shown apart
+        per_instance = [] if main_cpu is None else [main_cpu + sum(self._cpu(w) for w in workers)]
+        for other in self.others:
+            per_instance.append(self._cpu(other) + sum(self._cpu(w) for w in self._workers(other)))
+        s["service_cpu"] = cores(sum(per_instance)) if main_cpu is not None else None
+        s["instances_cpu"] = [cores(used) for used in per_instance] if self.others else None
         s["valkey_cpu"] = cores(self._cpu(self.valkey)) if self.valkey is not None else None
         harness = {name: self._cpu(proc) for name, proc in self.harness.items()}
         s["harness_cpu"] = cores(sum(harness.values()))

@@ -244,6 +244,9 @@ def build(result: RunResult, verification: dict[str, Any] | None, floor: dict[st
             "service_cpu": _stats([m["service_cpu"] for m in window if m.get("service_cpu") is not None]),
             "service_main_cpu": _stats([m["service_main_cpu"] for m in window
                                         if m.get("service_main_cpu") is not None]),
+            "instances_cpu": [_stats([m["instances_cpu"][i] for m in window if m.get("instances_cpu")
+                                      and m["instances_cpu"][i] is not None])
+                              for i in range(max((len(m.get("instances_cpu") or []) for m in window), default=0))],
             "valkey_cpu": _stats([m["valkey_cpu"] for m in window if m.get("valkey_cpu") is not None]),
             "service_rss_mb": _rss(svc_rss),
             "service_main_rss_mb": {
@@ -352,7 +355,7 @@ def build(result: RunResult, verification: dict[str, Any] | None, floor: dict[st
                                     f"{WARMUP_SECONDS // 60} minutes {_fmt(rss.get('after_warmup_growth_pct'))}%)"})
 
     report: dict[str, Any] = {
-        "kind": kind, "run_id": opts.run_id, "url": opts.url,
+        "kind": kind, "run_id": opts.run_id, "url": opts.url, "urls": [opts.url, *opts.urls],
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() - (time.monotonic() - t0))),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "memory_gb": _memory_gb()},
@@ -407,7 +410,9 @@ def table(report: dict[str, Any]) -> str:
     """The human summary."""
     out: list[str] = []
     t = report["traffic"]
-    out.append(f"evactors {report['kind']} {report['run_id']} against {report['url']} on "
+    more = len(report.get("urls") or [report["url"]]) - 1
+    out.append(f"evactors {report['kind']} {report['run_id']} against {report['url']}"
+               f"{f' and {more} more instance(s), each request to one at random' if more else ''} on "
                f"{report['machine']['cpus']} cores")
     out.append(f"traffic: {t['events']:,} events / {t['requests']:,} requests generated in {t['generated_in_s']}s "
                f"({t['generation_eps']:,} events/s, before the timed phase); {t['sent_requests']:,} requests sent")
@@ -427,6 +432,12 @@ def table(report: dict[str, Any]) -> str:
     add("service CPU mean / max (cores)", lambda p: " / ".join(_fmt(p["service_cpu"].get(k)) for k in ("mean", "max")))
     add("  of it the main process (cores)", lambda p: " / ".join(
         _fmt(p.get("service_main_cpu", {}).get(k)) for k in ("mean", "max")))
+    if any(p.get("instances_cpu") for p in report["phases"]):
+        add("  by instance, mean (cores)", lambda p: " / ".join(
+            _fmt(st.get("mean")) for st in p.get("instances_cpu") or []))
+        add("  by instance, µs per event it took", lambda p: " / ".join(
+            _fmt(round(st["mean"] * 1e6 * len(p["instances_cpu"]) / p["accepted_eps"]))
+            if st.get("mean") is not None and p.get("accepted_eps") else "-" for st in p.get("instances_cpu") or []))
     add("valkey CPU mean / max (cores)", lambda p: " / ".join(_fmt(p["valkey_cpu"].get(k)) for k in ("mean", "max")))
     add("service RSS start / end / max MB", lambda p: " / ".join(
         _fmt(p["service_rss_mb"].get(k)) for k in ("start", "end", "max")))

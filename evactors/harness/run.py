@@ -94,7 +94,7 @@ def parse_range(text: str) -> tuple[int, int]:
 
 @dataclass
 class Options:
-    url: str
+    url: str  # the service (its admin, verification and CPU go with --data-dir)
     write_key: str
     phases: list[Phase]
     project: str | None = None  # the write key's project: scopes verification, needed for re-maps
@@ -118,6 +118,10 @@ class Options:
     clickhouse_dsn: str | None = None
     database: str = "evactors"
     pid: int | None = None
+    # more instances of the same service (one Redis): each request goes to one of url and
+    # these at random (no visitor affinity); their data dirs give their CPU, instance by instance
+    urls: list[str] = field(default_factory=list)
+    instance_dirs: list[Path] = field(default_factory=list)
     saved_latency: bool = True  # subscribe to event:saved
     drain_timeout: float = 180.0
     report_dir: Path | None = None
