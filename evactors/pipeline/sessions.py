@@ -77,9 +77,11 @@ MAX_HELD_VIEWS = 8
 REANONYMIZED = "re-anonymized"
 
 
-# How often a held shard looks into its inbox (events other instances took for it) while
-# its own batches do not bring it there sooner: the delay such an event may wait at most.
+# How often a held shard looks into its inbox (events other instances took for it): the delay
+# such an event may wait at most. Alone (no other live instance), only for what was left there
+# before the shard was taken (a start, a restarted worker), so seldom.
 INBOX_POLL_SECONDS = 0.05
+INBOX_POLL_ALONE_SECONDS = 1.0
 
 
 class ViewRef(msgspec.Struct, array_like=True):
@@ -760,7 +762,8 @@ async def _hold(shard: SessionShard, to_shard: trio.MemoryReceiveChannel[ShardBa
             taken_in: list[tuple[bytes, list[Enriched]]] = []
             if inbox is not None and trio.current_time() >= next_poll:
                 taken_in = await retrying(f"session-{shard.shard} inbox", inbox.read, shard.shard, after)
-                next_poll = trio.current_time() + INBOX_POLL_SECONDS
+                alone = leases is not None and len(leases.members) <= 1
+                next_poll = trio.current_time() + (INBOX_POLL_ALONE_SECONDS if alone else INBOX_POLL_SECONDS)
             if not batches and not taken_in:
                 continue
             items = [e for b in batches for e in b.events] + [e for _id, unit in taken_in for e in unit]
