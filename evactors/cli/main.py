@@ -44,7 +44,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "clickhouse_dsn", None):
         out["clickhouse"] = {"dsn": args.clickhouse_dsn}
     if getattr(args, "role", None):
-        out["roles"] = [r.strip() for r in args.role.split(",") if r.strip()]
+        out["roles"] = cfg.parse_roles(args.role)
     if getattr(args, "cluster", None) and not getattr(args, "print_sql", False):
         out.setdefault("clickhouse", {})["cluster"] = args.cluster
     return out

@@ -368,7 +368,7 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
             out[name.removeprefix(ENV_PREFIX).lower()] = parse_write_keys(raw.split(","), key=name)
             continue
         if name == "EVACTORS_ROLES":
-            out["roles"] = [r.strip() for r in raw.split(",") if r.strip()]
+            out["roles"] = parse_roles(raw)
             continue
         path = known.get(name)
         if path is None:
@@ -383,6 +383,11 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[path[-1]] = value
     return out
+
+
+def parse_roles(text: str) -> list[str]:
+    """``ingest,sessions`` (the environment and ``--role``) as a list; checked by ``validate``."""
+    return [role.strip() for role in text.split(",") if role.strip()]
 
 
 def parse_write_keys(pairs: list[str], key: str = "--write-key") -> dict[str, str]:

@@ -59,7 +59,7 @@ from evactors.ops import metrics
 from evactors.pipeline.deadletters import DeadLetters
 from evactors.store.clickhouse import ClickHouse
 from evactors.store.keys import Keys
-from evactors.store.redis_io import RedisIO, retrying
+from evactors.store.redis_io import RedisIO, retrying, stream_entries
 from evactors.store.scripts import HEADS, PLAN, PLAN_DONE, PLAN_INSERTED, REMOVE_ENTRIES
 
 log = logging.getLogger("evactors.flusher")
@@ -146,12 +146,6 @@ def _decode_chunk(entries: list[Entry]) -> tuple[dict[str, list[Any]], list[tupl
     return tables, bad
 
 
-def _entries(reply: list[Any]) -> list[Entry]:
-    """XRANGE's reply as (id, fields): flat from the trio-native client, a dict from redis-py."""
-    return [(entry_id, fields if isinstance(fields, dict) else dict(zip(fields[::2], fields[1::2], strict=False)))
-            for entry_id, fields in reply]
-
-
 def _checked(replies: list[Any]) -> list[Any]:
     for reply in replies:
         if isinstance(reply, Exception):
@@ -207,7 +201,7 @@ class Flusher:
         """The entries still in the plan's ranges, per shard, in one round trip."""
         replies = await self.redis.execute(
             [["XRANGE", self.keys.buffer(shard), first, last] for shard, first, last in plan.ranges], check=True)
-        return {shard: _entries(reply) for (shard, _f, _l), reply in zip(plan.ranges, replies, strict=True)}
+        return {shard: stream_entries(reply) for (shard, _f, _l), reply in zip(plan.ranges, replies, strict=True)}
 
     async def flush_once(self, notices: trio.MemorySendChannel[Notice] | None) -> int:
         """Carry out one plan (the recorded one, or a new one); returns its rows (0: nothing
@@ -268,7 +262,7 @@ class Flusher:
             first, last = plan.decode().split(" ")
             (reply,) = await retrying("flush legacy", self.redis.execute,
                                       [["XRANGE", self.keys.buffer(shard), first, last]], True)
-            entries = _entries(reply)
+            entries = stream_entries(reply)
             tables, bad = await trio.to_thread.run_sync(_decode_chunk, entries)
             for (entry_id, fields), e in bad:
                 await self.dead_letters.bury_entry("buffer", self.keys.buffer(shard), self.keys.buffer_count(shard),

@@ -406,19 +406,21 @@ def schema_statements(statements: list[str], cluster: str = "") -> list[str]:
     return [out for statement in statements for out in clickhouse_cluster.on_cluster(statement, cluster)]
 
 
+def _schema_head(database: str, cluster: str) -> list[str]:
+    """The database and the table of applied versions, before any migration."""
+    if cluster:
+        return [clickhouse_cluster.database(database, cluster), clickhouse_cluster.migrations_table(database, cluster)]
+    return [f"CREATE DATABASE IF NOT EXISTS {database}",
+            f"CREATE TABLE IF NOT EXISTS {database}.schema_migrations "
+            "(version UInt32, name String, applied_at DateTime('UTC') DEFAULT now()) "
+            "ENGINE = ReplacingMergeTree ORDER BY version"]
+
+
 def migrate(client: Any, database: str, cluster: str = "") -> list[int]:
     """Create the database and apply missing migrations, idempotently. Returns what ran.
     With ``cluster``, the schema of that ClickHouse cluster (every node, ``ON CLUSTER``)."""
-    if cluster:
-        client.command(clickhouse_cluster.database(database, cluster))
-        client.command(clickhouse_cluster.migrations_table(database, cluster))
-    else:
-        client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
-        client.command(
-            f"CREATE TABLE IF NOT EXISTS {database}.schema_migrations "
-            "(version UInt32, name String, applied_at DateTime('UTC') DEFAULT now()) "
-            "ENGINE = ReplacingMergeTree ORDER BY version"
-        )
+    for statement in _schema_head(database, cluster):
+        client.command(statement)
     done = {row[0] for row in client.query(
         f"SELECT version FROM {database}.schema_migrations").result_rows}
     applied = []
@@ -436,11 +438,7 @@ def migrate(client: Any, database: str, cluster: str = "") -> list[int]:
 
 def schema_sql(database: str, cluster: str = "") -> str:
     """Every statement ``migrate`` runs on an empty database, as SQL text."""
-    if cluster:
-        head = [clickhouse_cluster.database(database, cluster), clickhouse_cluster.migrations_table(database, cluster)]
-    else:
-        head = [f"CREATE DATABASE IF NOT EXISTS {database}"]
-    out = [f"{statement};\n" for statement in head]
+    out = [f"{statement};\n" for statement in _schema_head(database, cluster)]
     for version, name, statements in MIGRATIONS:
         out.append(f"\n-- migration {version}: {name}\n")
         out += [f"{statement.replace('{db}', database)};\n" for statement in schema_statements(statements, cluster)]

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from evactors.core.messages import Enriched, ShardBatch
 from evactors.core.units import decode_unit, encode_unit
 from evactors.store.keys import Keys
-from evactors.store.redis_io import RedisIO
+from evactors.store.redis_io import RedisIO, stream_entries
 
 # Units read from an inbox at a time (each up to ``pipeline.unit_events`` events).
 READ_UNITS = 8
@@ -36,14 +36,4 @@ class Inbox:
         start = after if after == b"-" else b"(" + after
         (entries,) = await self.redis.execute(
             [["XRANGE", self.keys.inbox(shard), start, "+", "COUNT", READ_UNITS]], check=True)
-        return [(entry_id, decode_unit(_field(fields, b"u"))[2]) for entry_id, fields in entries]
-
-
-def _field(fields: list[bytes] | dict[bytes, bytes], name: bytes) -> bytes:
-    """A field of a stream entry: a flat list (the native client) or a dict (redis-py)."""
-    if isinstance(fields, dict):
-        return fields[name]
-    for i in range(0, len(fields), 2):
-        if fields[i] == name:
-            return fields[i + 1]
-    raise KeyError(name)
+        return [(entry_id, decode_unit(fields[b"u"])[2]) for entry_id, fields in stream_entries(entries)]

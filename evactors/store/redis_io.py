@@ -68,6 +68,12 @@ def _pipeline(client: Any, commands: Sequence[Command]) -> list[Any]:
     return pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
 
 
+def stream_entries(reply: list[Any]) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """XRANGE's reply as (id, fields): flat from the trio-native client, a dict from redis-py."""
+    return [(entry_id, fields if isinstance(fields, dict) else dict(zip(fields[::2], fields[1::2], strict=False)))
+            for entry_id, fields in reply]
+
+
 class RedisIO:
     """A redis-py client whose calls run in worker threads under a limiter."""
 

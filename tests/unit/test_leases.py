@@ -160,6 +160,12 @@ class Instance:
                 await session_actor(shard, self.to_shard_rx, self.receipts_tx, notices_tx, 10.0, replayed,
                                     leases=self.held, inbox=Inbox(self.redis, KEYS))
 
+    async def holding(self) -> None:
+        """Until this instance holds the shard."""
+        with trio.fail_after(5):
+            while self.held is None or not self.held.leases[0].held:
+                await trio.sleep(0.01)
+
     async def send(self, entry: str, *events: Any) -> Receipt:
         enricher = _enricher()
         receipt = Receipt(entry, len(events), 1)
@@ -185,9 +191,7 @@ async def test_any_instance_takes_the_events_of_a_shard_another_holds_and_a_kill
     now = int(time.time() * 1000)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(a.run)
-        with trio.fail_after(5):
-            while a.held is None or not a.held.leases[0].held:
-                await trio.sleep(0.01)
+        await a.holding()
         nursery.start_soon(b.run)
         # b does not hold the shard: what reaches it goes to the inbox, and a takes it in
         await b.send("b-1", incoming("page", now, device="v1", properties={"path": "/one"}))
@@ -228,9 +232,7 @@ async def test_an_owner_that_loses_its_lease_forwards_the_batch_in_hand(valkey: 
     now = int(time.time() * 1000)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(a.run)
-        with trio.fail_after(5):
-            while a.held is None or not a.held.leases[0].held:
-                await trio.sleep(0.01)
+        await a.holding()
         redis.client.set(KEYS.lease(0), "host-z/other")  # another instance took the shard
         redis.client.incr(KEYS.fence(0))
         await a.send("a-1", incoming("track", now, device="v1", name="InHand"))
@@ -255,9 +257,7 @@ async def test_a_joining_instance_is_handed_the_shards_it_is_preferred_for(valke
         await a.done("a-1")
         assert a.held is not None and a.held.leases[0].held
         nursery.start_soon(h.run)
-        with trio.fail_after(5):
-            while h.held is None or not h.held.leases[0].held:
-                await trio.sleep(0.02)
+        await h.holding()
         assert not a.held.leases[0].held and a.held.members == ["host-a", "host-h"]
         await a.send("a-2", incoming("track", now + 1000, device="v1", name="Moved"))  # a forwards it
         await a.done("a-2")
