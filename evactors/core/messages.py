@@ -17,6 +17,12 @@ class Receipt:
     entry_id: str
     events: int
     remaining: int = 0
+    lane: int = 0  # the ingest stream that holds it (``Keys.lanes``)
+
+    @property
+    def key(self) -> str:
+        """The entry among all lanes' (``InFlight``'s key)."""
+        return f"{self.lane}/{self.entry_id}"
 
 
 def count_down(receipts: list[Receipt]) -> list[Receipt]:

@@ -146,6 +146,9 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--instances", type=int, default=1, metavar="N",
                    help="run N instances of the service on one Redis (the first's embedded Valkey; the others "
                    "--role ingest,sessions), each request to one at random; CPU is shown per instance")
+    p.add_argument("--valkey-cluster", action="store_true",
+                   help="run the instances on a local Valkey cluster (3 masters, 3 replicas, in the report dir) "
+                   "instead of the first's embedded Valkey; Valkey CPU is then the six servers'")
     p.add_argument("--service-bin", type=Path, metavar="PATH",
                    help="the bin/evactors to run as the service (default: this checkout's); another "
                    "checkout's, set up with bin/setup, measures before and after with the same harness")
@@ -216,15 +219,25 @@ def main_bench(argv: list[str]) -> int:
         raise SystemExit(f"{data_dir} is not empty: bench needs a fresh data dir")
     env = dict(e.partition("=")[::2] for e in args.env)
     service_bin = args.service_bin.resolve() if args.service_bin else None
+    cluster = None
+    if args.valkey_cluster:
+        from evactors.harness.valkey_cluster import LocalValkeyCluster
+
+        cluster = LocalValkeyCluster(report_dir / "cluster")
+        cluster.start()
+        env = {"EVACTORS_REDIS_URL": cluster.url, **env}
     service = BenchService(data_dir, "bench-key", "bench", env, service_bin)
-    # more instances: on the first one's Valkey, taking requests and shards, not flushing
+    # more instances: on the first one's Valkey (or the cluster), taking requests and shards, not flushing
     others = [BenchService(report_dir / f"data-{i + 2}", "bench-key", "bench", {
-        **env, "EVACTORS_REDIS_URL": f"unix://{DataDir(data_dir).valkey_socket}",
+        "EVACTORS_REDIS_URL": f"unix://{DataDir(data_dir).valkey_socket}", **env,
         "EVACTORS_ROLES": "ingest,sessions"}, service_bin) for i in range(max(0, args.instances - 1))]
     # SIGTERM (a timeout, a supervisor) unwinds like Ctrl-C, so the service is stopped, not orphaned.
     signal.signal(signal.SIGTERM, _exit_on_sigterm(os.getpid()))
     opts = _options(args, phases, url="", write_key="bench-key", project="bench", run_id=f"b{args.seed}",
                     data_dir=data_dir)
+    if cluster is not None:
+        opts = replace(opts, redis_url=cluster.url, redis_pids=[n.pid for n in cluster.nodes() if n.pid],
+                       redis_lanes=int(env.get("EVACTORS_REDIS_INGEST_LANES", 16)))
     opts = replace(opts, report_dir=report_dir)
     test = LoadTest(opts)
     say = test.say
@@ -264,6 +277,8 @@ def main_bench(argv: list[str]) -> int:
             other.kill()
         service.kill()  # first: cheap, and a no-op after a clean stop
         test.close()
+        if cluster is not None:
+            cluster.stop()
     say("verifying ...")
     reader = LocalReader(data_dir, opts.database)
     try:

@@ -69,6 +69,7 @@ from evactors.harness.run import (
     prepare,
 )
 from evactors.store.paths import DataDir
+from evactors.store.redis_io import sync_client
 
 TICK = 1.0  # seconds between progress reports of the child processes (each encodes its histograms)
 
@@ -422,7 +423,7 @@ def redis_client(opts: Options) -> Any:
     import redis
 
     if opts.redis_url:
-        return redis.Redis.from_url(opts.redis_url, socket_timeout=5)
+        return sync_client(opts.redis_url, 5)
     if opts.data_dir is None:
         raise RuntimeError("no Redis: give --data-dir (embedded Valkey) or --redis-url")
     return redis.Redis(unix_socket_path=str(DataDir(opts.data_dir).valkey_socket), socket_timeout=5)
@@ -445,6 +446,7 @@ class Monitor:
         self.psutil = psutil
         self.samples: list[dict[str, Any]] = []
         self.service = self.valkey = None
+        self.valkeys: list[Any] = []  # the Redis servers measured: the embedded one, or a cluster's
         pid = opts.pid
         if pid is None and opts.data_dir is not None:
             pid = (service_info(opts.data_dir) or {}).get("pid")
@@ -453,6 +455,12 @@ class Monitor:
                 self.service = psutil.Process(int(pid))
                 children = [c for c in self.service.children() if "valkey" in c.name() or "redis" in c.name()]
                 self.valkey = children[0] if children else None
+        for server in opts.redis_pids:
+            with contextlib.suppress(psutil.Error):
+                self.valkeys.append(psutil.Process(server))
+        if self.valkey is not None:
+            self.valkeys.insert(0, self.valkey)
+        self.lanes = opts.redis_lanes
         self.others: list[Any] = []  # the other instances' main processes
         for directory in opts.instance_dirs:
             other = (service_info(directory) or {}).get("pid")
@@ -518,12 +526,12 @@ class Monitor:
             per_instance.append(self._cpu(other) + sum(self._cpu(w) for w in self._workers(other)))
         s["service_cpu"] = cores(sum(per_instance)) if main_cpu is not None else None
         s["instances_cpu"] = [cores(used) for used in per_instance] if self.others else None
-        s["valkey_cpu"] = cores(self._cpu(self.valkey)) if self.valkey is not None else None
+        s["valkey_cpu"] = cores(sum(self._cpu(v) for v in self.valkeys)) if self.valkeys else None
         harness = {name: self._cpu(proc) for name, proc in self.harness.items()}
         s["harness_cpu"] = cores(sum(harness.values()))
         for name, used in harness.items():
             s[f"harness_{name}_cpu"] = cores(used)
-        for name, procs in (("service", [self.service, *workers]), ("valkey", [self.valkey])):
+        for name, procs in (("service", [self.service, *workers]), ("valkey", self.valkeys or [None])):
             s[f"{name}_rss_mb"] = None
             if procs[0] is not None:
                 with contextlib.suppress(self.psutil.Error):
@@ -544,6 +552,15 @@ class Monitor:
 
             # the service (and its Valkey) may be stopping: then a gap in the timeline (None)
             with contextlib.suppress(redis.RedisError, OSError):
+                if self.lanes:  # a cluster: every master's memory, every lane's counter
+                    from evactors.store.keys import Keys
+
+                    used = self.redis.info("memory", target_nodes=self.redis.PRIMARIES)
+                    s["redis_used_mb"] = round(sum(i["used_memory"] for i in used.values()) / 2**20, 1)
+                    counters = Keys(self.keys_prefix, self.lanes).backlog_counters(self.shards)
+                    s["backlog"] = sum(int(c or 0) for c in self.redis.mget_nonatomic(counters))
+                    self.samples.append(s)
+                    return s
                 pipe = self.redis.pipeline(transaction=False)
                 pipe.info("memory")
                 pipe.get(f"{self.keys_prefix}:in:n")
@@ -700,7 +717,7 @@ class LoadTest:
                 pids[f"worker{n}" if n else "worker"] = worker.pid
             senders = [pid for name, pid in self.result.harness_pids.items() if name.startswith("sender")]
             self._profiler = Profiler(pids, monitor.valkey.pid if monitor.valkey is not None else None,
-                                      monitor.redis, senders)
+                                      None if monitor.lanes else monitor.redis, senders)
             self._profiler.start()
         elif self._profiler is not None and now >= end:
             self.result.profile = self._profiler.stop()

@@ -115,6 +115,8 @@ class Options:
     data_dir: Path | None = None  # the service's: pid, admin token, embedded Redis socket
     redis_url: str | None = None
     redis_prefix: str = "evx"
+    redis_lanes: int = 0  # on a Redis Cluster: the service's redis.ingest_lanes
+    redis_pids: list[int] = field(default_factory=list)  # a cluster's servers: their CPU and memory
     clickhouse_dsn: str | None = None
     database: str = "evactors"
     pid: int | None = None

@@ -35,8 +35,7 @@ class Backlog:
         self.lag_seconds = 0.0
 
     async def exact(self) -> int:
-        names = [self.keys.ingest_count] + [self.keys.buffer_count(s) for s in range(self.shards)]
-        values = await self.redis.run(self.redis.client.mget, names)
+        (values,) = await self.redis.execute([["MGET", *self.keys.backlog_counters(self.shards)]], check=True)
         total = sum(int(v or 0) for v in values)
         self.cached = total
         metrics.BACKLOG.set(total)
@@ -44,13 +43,8 @@ class Backlog:
 
     async def lag(self) -> float:
         """Age of the oldest event still waiting in Redis (0 when nothing waits)."""
-        streams = [self.keys.ingest] + [self.keys.buffer(s) for s in range(self.shards)]
-
-        def build(pipe: Any) -> None:
-            for stream in streams:
-                pipe.xrange(stream, "-", "+", count=1)
-
-        heads = await self.redis.pipeline(build)
+        heads = await self.redis.execute([["XRANGE", stream, "-", "+", "COUNT", 1]
+                                          for stream in self.keys.backlog_streams(self.shards)], check=True)
         oldest = min((int(entries[0][0].split(b"-")[0]) for entries in heads if entries), default=None)
         self.lag_seconds = max(0.0, time.time() - oldest / 1000) if oldest is not None else 0.0
         metrics.LAG.set(self.lag_seconds)
@@ -60,15 +54,20 @@ class Backlog:
 def backlog_sizes(client: Any, keys: Keys, shards: int) -> dict[str, Any]:
     """For readers outside the service (sync): the exact backlog from the counters, and the
     cached figure with the seconds it has left (None once expired: the service is not
-    refreshing it)."""
-    names = [keys.ingest_count] + [keys.buffer_count(s) for s in range(shards)]
-    pipe = client.pipeline(transaction=True)  # one moment for every counter
-    pipe.mget(names)
-    pipe.get(keys.buffer_size_cached)
-    pipe.ttl(keys.buffer_size_cached)
-    values, cached, ttl = pipe.execute()
+    refreshing it). One moment for every counter on one server; on a cluster, per master."""
+    names = keys.backlog_counters(shards)
+    if keys.clustered:
+        values = client.mget_nonatomic(names)
+        cached, ttl = client.get(keys.buffer_size_cached), client.ttl(keys.buffer_size_cached)
+    else:
+        pipe = client.pipeline(transaction=True)
+        pipe.mget(names)
+        pipe.get(keys.buffer_size_cached)
+        pipe.ttl(keys.buffer_size_cached)
+        values, cached, ttl = pipe.execute()
     counts = [int(v or 0) for v in values]
-    return {"exact": sum(counts), "ingest": counts[0], "buffers": counts[1:],
+    lanes = len(keys.lanes)
+    return {"exact": sum(counts), "ingest": sum(counts[:lanes]), "buffers": counts[lanes:],
             "cached": int(cached) if cached is not None else None,
             "cached_ttl_seconds": ttl if cached is not None else None}
 

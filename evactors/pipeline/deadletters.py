@@ -17,7 +17,7 @@ import msgspec
 
 from evactors.core.model import Incoming
 from evactors.ops import metrics
-from evactors.store.keys import Keys
+from evactors.store.keys import Keys, Lane
 from evactors.store.redis_io import RedisIO, retrying
 from evactors.store.scripts import BURY_ENTRY, REPLAY, run_sync
 
@@ -32,19 +32,25 @@ class DeadLetters:
         self.redis = redis
         self.keys = keys
 
-    async def bury_entry(self, source: str, stream: str, counter: str, entry_id: str,
+    async def bury_entry(self, source: str, where: Lane, entry_id: str,
                          fields: dict[bytes, bytes], error: Exception, data_field: bytes) -> None:
+        """Move an entry of ``where.stream`` to ``where.dead`` (one slot: one script)."""
         log.error("%s entry %s cannot be decoded; moved to the dead-letter stream: %s",
                   source, entry_id, error)
         metrics.DEAD_LETTERS.inc()
         args: list[Any] = [entry_id, int(fields.get(b"n", b"0")), str(error)[:500],
                            fields.get(data_field, b""), source]
-        await retrying("dead-letter", self.redis.script, BURY_ENTRY,
-                       [stream, counter, self.keys.dead_letter], args)
+        await retrying("dead-letter", self.redis.script, BURY_ENTRY, list(where), args)
 
-    async def bury_ingest_entry(self, entry_id: str, fields: dict[bytes, bytes], error: Exception) -> None:
-        await self.bury_entry("ingest", self.keys.ingest, self.keys.ingest_count, entry_id, fields,
-                              error, b"e")
+    async def bury_ingest_entry(self, lane: Lane, entry_id: str, fields: dict[bytes, bytes],
+                                error: Exception) -> None:
+        await self.bury_entry("ingest", lane, entry_id, fields, error, b"e")
+
+    async def bury_buffer_entry(self, shard: int, entry_id: str, fields: dict[bytes, bytes],
+                                error: Exception) -> None:
+        keys = self.keys
+        await self.bury_entry("buffer", Lane(keys.buffer(shard), keys.buffer_count(shard), keys.buffer_dead(shard)),
+                              entry_id, fields, error, b"d")
 
     async def bury_events(self, poison: list[tuple[Incoming, str]]) -> None:
         """Events whose processing raised: kept with the error, one entry each."""
@@ -63,20 +69,26 @@ class DeadLetters:
         await retrying("dead-letter", self.redis.pipeline, build)
 
 
-def list_entries(client: Any, keys: Keys, limit: int) -> list[dict[str, Any]]:
-    out = []
-    for entry_id, fields in client.xrange(keys.dead_letter, "-", "+", count=limit):
-        text = {k.decode(): v.decode(errors="replace") for k, v in fields.items() if k != b"data"}
-        out.append({"id": entry_id.decode(), **text, "bytes": len(fields.get(b"data", b""))})
+def list_entries(client: Any, keys: Keys, shards: int, limit: int) -> list[dict[str, Any]]:
+    """The dead letters of every stream (in id order within each), up to ``limit``."""
+    out: list[dict[str, Any]] = []
+    for dead in keys.dead_letters(shards):
+        for entry_id, fields in client.xrange(dead, "-", "+", count=limit - len(out)):
+            text = {k.decode(): v.decode(errors="replace") for k, v in fields.items() if k != b"data"}
+            out.append({"id": entry_id.decode(), **text, "bytes": len(fields.get(b"data", b""))})
+        if len(out) >= limit:
+            break
     return out
 
 
 def replay(client: Any, keys: Keys, ids: list[str] | None) -> int:
-    """Move dead letters (all, or the given ids) back into the ingest stream. Buffer
-    entries (rows, not events) are left for inspection."""
-    if ids is None:
-        ids = [entry_id.decode() for entry_id, fields in client.xrange(keys.dead_letter, "-", "+")
-               if fields.get(b"source") != b"buffer"]
-    if not ids:
-        return 0
-    return int(run_sync(client, REPLAY, [keys.dead_letter, keys.ingest, keys.ingest_count], ids))
+    """Move dead letters of events (all, or the given ids) back into their lane's ingest
+    stream. Buffer entries (rows, not events) are left for inspection."""
+    moved = 0
+    for lane in keys.lanes:
+        found = [entry_id.decode() for entry_id, fields in client.xrange(lane.dead, "-", "+")
+                 if fields.get(b"source") != b"buffer"]
+        chosen = found if ids is None else [i for i in found if i in ids]
+        if chosen:
+            moved += int(run_sync(client, REPLAY, [lane.dead, lane.stream, lane.counter], chosen))
+    return moved

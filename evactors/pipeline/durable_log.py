@@ -71,6 +71,7 @@ class DurableLog:
         self.script = APPEND
         self._queue: list[_Append] = []
         self._busy = False
+        self._writes = 0  # groups written: each takes the next lane
 
     async def append(self, events: list[Incoming], encoded: list[bytes]) -> None:
         """Store ``events`` (``encoded``: each one's msgpack) durably, then hand them on.
@@ -118,9 +119,12 @@ class DurableLog:
         events = [e for item in group for e in item.events]
         blob = msgpack_array([b for item in group for b in item.encoded], len(events))
         extra = [["WAITAOF", 1, 0, 5000]] if self.wait_aof else []
+        lane = self._writes % len(self.keys.lanes)
+        self._writes += 1
+        stream, counter, _dead = self.keys.lanes[lane]
         try:
             replies: list[Any] = await self.redis.scripts(
-                self.script, [([self.keys.ingest, self.keys.ingest_count], [len(events), blob])], extra, wait=True)
+                self.script, [([stream, counter], [len(events), blob])], extra, wait=True)
             if self.wait_aof:
                 fsynced = replies.pop()
                 if isinstance(fsynced, Exception):
@@ -133,6 +137,6 @@ class DurableLog:
             for item in group:
                 item.error = e
             return None
-        entry_id = replies[0].decode()
-        self.in_flight.add([entry_id])
-        return IngestBatch([Receipt(entry_id, len(events))], events)
+        receipt = Receipt(replies[0].decode(), len(events), lane=lane)
+        self.in_flight.add([receipt.key])
+        return IngestBatch([receipt], events)

@@ -216,8 +216,7 @@ class Flusher:
         tables, bad = await trio.to_thread.run_sync(_decode_chunk, entries)
         for (entry_id, fields), e in bad:
             shard = next(s for s, es in per_shard.items() if any(x[0] == entry_id for x in es))
-            await self.dead_letters.bury_entry("buffer", self.keys.buffer(shard), self.keys.buffer_count(shard),
-                                               entry_id.decode(), fields, e, b"d")
+            await self.dead_letters.bury_buffer_entry(shard, entry_id.decode(), fields, e)
             per_shard[shard] = [x for x in per_shard[shard] if x[0] != entry_id]
         if not plan.inserted:
             for table, rows in tables.items():
@@ -265,8 +264,7 @@ class Flusher:
             entries = stream_entries(reply)
             tables, bad = await trio.to_thread.run_sync(_decode_chunk, entries)
             for (entry_id, fields), e in bad:
-                await self.dead_letters.bury_entry("buffer", self.keys.buffer(shard), self.keys.buffer_count(shard),
-                                                   entry_id.decode(), fields, e, b"d")
+                await self.dead_letters.bury_buffer_entry(shard, entry_id.decode(), fields, e)
                 entries = [x for x in entries if x[0] != entry_id]
             for table, rows in tables.items():
                 if rows:

@@ -19,6 +19,7 @@ import trio
 
 from evactors.store.keys import Keys
 from evactors.store.live import count_live
+from evactors.store.redis_io import sync_client
 
 log = logging.getLogger("evactors.live")
 
@@ -119,7 +120,7 @@ class LiveHub:
     async def _listen(self) -> None:
         while True:
             await self.someone.wait()
-            client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
+            client = sync_client(self.redis_url, 5)
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             next_stats = 0.0
             try:

@@ -51,6 +51,12 @@ class _Stored(msgspec.Struct):
 _decode_stored = msgspec.json.Decoder(_Stored).decode
 
 
+def _count(reply: Any) -> int:
+    """A NUMSUB reply's count: [channel, n] (or [(channel, n)] from redis-py)."""
+    flat = [x for item in reply for x in (item if isinstance(item, tuple) else (item,))]
+    return int(flat[1]) if len(flat) > 1 else 0
+
+
 class Publisher:
     def __init__(self, redis: RedisIO, keys: Keys, interval: float = LIVE_WRITE_SECONDS) -> None:
         self.redis = redis
@@ -67,8 +73,10 @@ class Publisher:
         if time.monotonic() - self._checked < 1.0:
             return
         self._checked = time.monotonic()
-        counts = await self.redis.run(lambda: self.redis.client.pubsub_numsub(*CHANNELS))
-        self.subscribers = {c.decode() if isinstance(c, bytes) else c: n for c, n in counts}
+        # one NUMSUB per channel: on a cluster, each asks the node its subscribers use
+        # (the master of the channel's slot, as redis-py's cluster pub/sub picks it)
+        replies = await self.redis.execute([["PUBSUB", "NUMSUB", c] for c in CHANNELS], check=True)
+        self.subscribers = {c: _count(reply) for c, reply in zip(CHANNELS, replies, strict=True)}
 
     async def publish(self, notices: list[Notice]) -> None:
         """Publish the batches now; gather their live state for ``write_live``."""

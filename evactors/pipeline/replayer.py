@@ -10,7 +10,6 @@ error, instead of failing the replayer again and again.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 
@@ -23,7 +22,7 @@ from evactors.ops import metrics
 from evactors.pipeline.deadletters import DeadLetters
 from evactors.pipeline.inflight import InFlight
 from evactors.store.keys import Keys
-from evactors.store.redis_io import RedisIO, retrying
+from evactors.store.redis_io import RedisIO, retrying, stream_entries
 
 log = logging.getLogger("evactors.replay")
 
@@ -45,26 +44,35 @@ class Replayer:
         self.stale_after = stale_after
         self.dead_letters = dead_letters
 
-    async def feed(self, last: str, shutdown: trio.Event, only_lost: bool) -> int:
-        """Feed entries up to id ``last`` (all, or only those lost in flight)."""
+    async def feed(self, last: dict[int, str], shutdown: trio.Event, only_lost: bool) -> int:
+        """Feed each lane's entries up to its id in ``last`` (all, or only those lost in
+        flight)."""
+        fed = 0
+        for lane, until in last.items():
+            fed += await self._feed_lane(lane, until, shutdown, only_lost)
+        return fed
+
+    async def _feed_lane(self, lane: int, last: str, shutdown: trio.Event, only_lost: bool) -> int:
         start, fed = "-", 0
+        stream = self.keys.lanes[lane].stream
         while not shutdown.is_set():
-            entries = await retrying("replay read", self.redis.run, functools.partial(
-                self.redis.client.xrange, self.keys.ingest, start, last, count=PAGE))
+            (entries,) = await retrying("replay read", self.redis.execute,
+                                        [["XRANGE", stream, start, last, "COUNT", PAGE]], True)
             batch = IngestBatch([], [])
-            for raw_id, fields in entries:
-                entry_id = raw_id.decode()
-                if only_lost and not self.in_flight.lost(entry_id, self.stale_after):
+            for entry_id, fields in stream_entries(entries):
+                receipt = Receipt(entry_id.decode(), int(fields.get(b"n", b"0")), lane=lane)
+                if only_lost and not self.in_flight.lost(receipt.key, self.stale_after):
                     continue
                 try:
                     events = _decode(fields[b"e"])
                 except (msgspec.DecodeError, msgspec.ValidationError, KeyError) as e:
-                    await self.dead_letters.bury_ingest_entry(entry_id, fields, e)
+                    await self.dead_letters.bury_ingest_entry(self.keys.lanes[lane], receipt.entry_id, fields, e)
                     continue
-                batch.receipts.append(Receipt(entry_id, len(events)))
+                receipt.events = len(events)
+                batch.receipts.append(receipt)
                 batch.events.extend(events)
             if batch.receipts:
-                self.in_flight.add([r.entry_id for r in batch.receipts])
+                self.in_flight.add([r.key for r in batch.receipts])
                 await self.outbox.send(batch)
                 fed += len(batch.receipts)
                 metrics.REPLAYED.inc(len(batch.receipts))
@@ -73,17 +81,18 @@ class Replayer:
             start = "(" + entries[-1][0].decode()
         return fed
 
-    async def last_id(self) -> str | None:
-        newest = await retrying("replay read", self.redis.run, functools.partial(
-            self.redis.client.xrevrange, self.keys.ingest, "+", "-", count=1))
-        return newest[0][0].decode() if newest else None
+    async def last_ids(self) -> dict[int, str]:
+        """Each lane's newest entry (lanes with none are left out)."""
+        newest = await retrying("replay read", self.redis.execute,
+                                [["XREVRANGE", lane.stream, "+", "-", "COUNT", 1] for lane in self.keys.lanes], True)
+        return {lane: entries[0][0].decode() for lane, entries in enumerate(newest) if entries}
 
 
 async def replayer(replay: Replayer, shutdown: trio.Event, started: trio.Event) -> None:
     """At start, feed what an earlier run left; then, now and then, what got lost."""
     if not started.is_set():
-        last = await replay.last_id()  # new entries after this one belong to this run
-        if last is not None:
+        last = await replay.last_ids()  # new entries after these belong to this run
+        if last:
             fed = await replay.feed(last, shutdown, only_lost=False)
             log.info("replayed %d ingest entries left by an earlier run", fed)
         started.set()
@@ -93,7 +102,7 @@ async def replayer(replay: Replayer, shutdown: trio.Event, started: trio.Event) 
         if shutdown.is_set():
             return
         cutoff = f"{int((time.time() - replay.stale_after) * 1000)}-0"
-        fed = await replay.feed(cutoff, shutdown, only_lost=True)
+        fed = await replay.feed(dict.fromkeys(range(len(replay.keys.lanes)), cutoff), shutdown, only_lost=True)
         if fed:
             log.warning("re-fed %d ingest entries lost in flight for over %.0fs", fed,
                         replay.stale_after)

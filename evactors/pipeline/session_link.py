@@ -142,6 +142,7 @@ class WorkerParams:
     redis_url: str
     redis_timeout: float
     key_prefix: str
+    wait_replicas: int  # on a cluster: replicas each write waits for (redis.wait_replicas)
     shards: list[int]  # the worker's own; pipeline.session_shards is the count of all
     log_level: str
     log_format: str

@@ -165,6 +165,10 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode_state = msgspec.msgpack.Decoder(UserState).decode
 
 
+def _alias_commands(commit: Commit) -> list[Command]:
+    return [["SET", key, target, "EX", YEAR] for key, target in commit.aliases.items()]
+
+
 class Commit:
     """What one unit of work writes, gathered before the script runs."""
 
@@ -496,7 +500,8 @@ class SessionShard:
         keys, shard = self.keys, self.shard
         commands: list[Command] = [["MULTI"], ["INCR", keys.commits(shard)],
                                    *self.dedup.commands(commit.fingerprints, self._now_ms())]
-        commands += [["SET", key, target, "EX", YEAR] for key, target in commit.aliases.items()]
+        if not self.redis.cluster:
+            commands += _alias_commands(commit)
         adds: list[int | str] = []
         removes: list[str] = []
         for key, state in commit.states.items():
@@ -523,6 +528,10 @@ class SessionShard:
         if not (commit.fingerprints or commit.aliases or commit.states or commit.rows or commit.taken_in):
             return
         fence = None if self.lease is None else (self.lease.fence_key, b"%d" % (self.token or 0))
+        if self.redis.cluster and commit.aliases:
+            # On a cluster an alias key lives in its own slot, not the shard's: written just
+            # before the transaction (the same value again if the unit is done again)
+            await self.redis.execute(_alias_commands(commit), check=True)
         try:
             replies = await self.redis.execute(self._commands(commit), fence=fence)
         except FenceMoved:

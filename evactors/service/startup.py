@@ -29,7 +29,7 @@ from evactors.service.supervisor import StartupError
 from evactors.service.topology import Parts, serve
 from evactors.store import files
 from evactors.store.clickhouse import ClickHouse, embedded_dsn
-from evactors.store.keys import Keys
+from evactors.store.keys import Keys, keys_for
 from evactors.store.paths import DataDir
 from evactors.store.redis_io import RedisIO
 from evactors.store.redis_memory import check_eviction, embedded_maxmemory
@@ -59,7 +59,7 @@ async def run(config: Config, ready: Callable[[dict[str, Any]], None] | None = N
             await trio.to_thread.run_sync(embedded.start)
             stack.callback(embedded.stop)
             redis_url = embedded.url
-        redis = RedisIO(redis_url, config.redis.timeout_seconds)
+        redis = RedisIO(redis_url, config.redis.timeout_seconds, wait_replicas=config.redis.wait_replicas)
         stack.callback(redis.close)
         await trio.to_thread.run_sync(redis.client.ping)
         if embedded is None:  # exit 2 naming the setting when it evicts (unless allowed)
@@ -69,7 +69,7 @@ async def run(config: Config, ready: Callable[[dict[str, Any]], None] | None = N
         wait_aof = False
         if config.redis.durability == "strict" and embedded is None:
             wait_aof = await check_strict(redis)
-        await check_shards(redis, Keys(config.redis.key_prefix), config.pipeline.session_shards)
+        await check_shards(redis, keys_for(config), config.pipeline.session_shards)
         dsn = config.clickhouse.dsn or embedded_dsn(data_dir)
         clickhouse = ClickHouse(dsn, config.clickhouse.database, config.clickhouse.timeout_seconds,
                                 config.clickhouse.cluster)

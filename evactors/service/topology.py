@@ -74,7 +74,7 @@ from evactors.service.status import Status
 from evactors.service.supervisor import ActorFailed, StartupError, Supervisor
 from evactors.store import leases
 from evactors.store.clickhouse import ClickHouse
-from evactors.store.keys import Keys
+from evactors.store.keys import keys_for
 from evactors.store.paths import DataDir
 from evactors.store.redis_io import TRANSIENT, RedisIO
 from evactors.store.redis_memory import Memory
@@ -105,7 +105,7 @@ def worker_params(config: Config, redis_url: str, index: int, workers: int, inst
     pipe = config.pipeline
     return WorkerParams(
         redis_url=redis_url, redis_timeout=config.redis.timeout_seconds,
-        key_prefix=config.redis.key_prefix,
+        key_prefix=config.redis.key_prefix, wait_replicas=config.redis.wait_replicas,
         shards=[s for s in range(pipe.session_shards) if s % workers == index],
         log_level=config.log.level, log_format=config.log.format, parent=os.getpid(), instance=instance,
         pipeline=msgspec.to_builtins(pipe), supervisor=msgspec.to_builtins(config.supervisor))
@@ -116,7 +116,7 @@ async def serve(config: Config, parts: Parts, ready: Callable[[dict[str, Any]], 
     """Run every actor and the HTTP API until the service stops; the exit code."""
     pipe = config.pipeline
     redis, clickhouse, write_keys = parts.redis, parts.clickhouse, parts.write_keys
-    keys = Keys(config.redis.key_prefix)
+    keys = keys_for(config)
     data_dir = DataDir(config.data_path)
     sup = Supervisor(config)
     capacity = pipe.channel_batches

@@ -5,7 +5,10 @@ tag, so the commit of a shard's batch is single-slot on Redis Cluster too.
 from __future__ import annotations
 
 import logging
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
+
+from evactors.core.config import Config
+from evactors.store.cluster import is_cluster_url
 
 log = logging.getLogger("evactors.redis")
 
@@ -13,16 +16,35 @@ log = logging.getLogger("evactors.redis")
 T = TypeVar("T")
 
 
+def keys_for(config: Config) -> Keys:
+    """The keys of ``config``'s Redis: ingest lanes on a cluster."""
+    return Keys(config.redis.key_prefix, config.redis.ingest_lanes if is_cluster_url(config.redis.url) else 0)
+
+
+class Lane(NamedTuple):
+    """An ingest stream with its counter and its dead letters, in one hash slot."""
+
+    stream: str  # one entry per group of accepted requests
+    counter: str  # events in the stream
+    dead: str  # what could not be processed, with why
+
+
 class Keys:
     """Every Redis key the service writes. Per-shard keys share a hash tag, so the
-    commit of a shard's batch is single-slot on Redis Cluster too."""
+    commit of a shard's batch is single-slot on Redis Cluster too.
 
-    def __init__(self, prefix: str) -> None:
+    ``lanes``: 0 on one server (one ingest stream); on a cluster, the ingest streams, each
+    with its own hash tag (``{iN}``), so that ingest is spread over the masters rather than
+    funnelled through one key."""
+
+    def __init__(self, prefix: str, lanes: int = 0) -> None:
         self.prefix = prefix
-        self.ingest = f"{prefix}:in"  # stream: one entry per accepted request
-        self.ingest_count = f"{prefix}:in:n"  # events in the ingest stream
+        self.lanes = [Lane(f"{prefix}:in", f"{prefix}:in:n", f"{prefix}:dead")] if lanes == 0 else [
+            Lane(f"{prefix}:{{i{i}}}:in", f"{prefix}:{{i{i}}}:in:n", f"{prefix}:{{i{i}}}:dead")
+            for i in range(lanes)]
+        self.clustered = lanes > 0
+        self.ingest, self.ingest_count, self.dead_letter = self.lanes[0]
         self.buffer_size_cached = f"{prefix}:bufsize"
-        self.dead_letter = f"{prefix}:dead"  # stream: what could not be processed, with why
         self.meta = f"{prefix}:meta"  # hash: facts the stored data depends on (shard count)
         self.flush_plan_all = f"{prefix}:flush"  # the flush being carried out, over all shards
         # zset: the instances that hold session shards → until when (ms) they are alive
@@ -36,6 +58,23 @@ class Keys:
 
     def buffer_count(self, shard: int) -> str:
         return f"{self.shard(shard)}:buf:n"
+
+    def buffer_dead(self, shard: int) -> str:
+        """Where a buffer entry that cannot be decoded goes (its shard's slot on a cluster)."""
+        return f"{self.shard(shard)}:dead" if self.clustered else self.dead_letter
+
+    def backlog_counters(self, shards: int) -> list[str]:
+        """The backlog's counters: each ingest lane's, then each shard buffer's."""
+        return [lane.counter for lane in self.lanes] + [self.buffer_count(s) for s in range(shards)]
+
+    def backlog_streams(self, shards: int) -> list[str]:
+        """The streams the backlog waits in: each ingest lane, then each shard buffer."""
+        return [lane.stream for lane in self.lanes] + [self.buffer(s) for s in range(shards)]
+
+    def dead_letters(self, shards: int) -> list[str]:
+        """Every dead-letter stream."""
+        return list(dict.fromkeys([*(lane.dead for lane in self.lanes),
+                                   *(self.buffer_dead(s) for s in range(shards))]))
 
     def flush_plan(self, shard: int) -> str:
         return f"{self.shard(shard)}:flush"  # a shard's own plan, as earlier versions made them

@@ -20,6 +20,7 @@ import redis
 import trio
 
 from evactors.ops import metrics
+from evactors.store.cluster import ClusterRedis, is_cluster_url, parse_cluster_url
 from evactors.store.resp import Command, FenceMoved, NativeRedis, Script, run_scripts
 
 log = logging.getLogger("evactors.redis")
@@ -74,18 +75,32 @@ def stream_entries(reply: list[Any]) -> list[tuple[bytes, dict[bytes, bytes]]]:
             for entry_id, fields in reply]
 
 
-class RedisIO:
-    """A redis-py client whose calls run in worker threads under a limiter."""
+def sync_client(url: str, timeout: float, max_connections: int | None = None) -> Any:
+    """redis-py's client for ``url``: a ``RedisCluster`` for ``redis+cluster://`` seeds."""
+    if is_cluster_url(url):
+        from redis.cluster import ClusterNode, RedisCluster
 
-    def __init__(self, url: str, timeout: float, threads: int = 8) -> None:
+        seeds, user, password = parse_cluster_url(url)
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in seeds], username=user,
+                            password=password, socket_timeout=timeout,
+                            socket_connect_timeout=min(timeout, 3.0))
+    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=min(timeout, 3.0),
+                                health_check_interval=30, max_connections=max_connections)
+
+
+class RedisIO:
+    """A redis-py client whose calls run in worker threads under a limiter, and the
+    trio-native client for the hot paths (over a cluster's masters on a cluster)."""
+
+    def __init__(self, url: str, timeout: float, threads: int = 8, wait_replicas: int = 0) -> None:
         self.url = url
-        self.client = redis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=min(timeout, 3.0),
-            health_check_interval=30, max_connections=threads + 4,
-        )
+        self.cluster = is_cluster_url(url)
+        self.client = sync_client(url, timeout, threads + 4)
         self.limiter = trio.CapacityLimiter(threads)
         # the hot paths' commands, in the trio thread (no thread hop); rediss:// stays on redis-py
-        self.native = NativeRedis(url, timeout) if NativeRedis.supports(url) else None
+        self.native: NativeRedis | ClusterRedis | None = (
+            ClusterRedis(url, timeout, wait_replicas) if self.cluster
+            else NativeRedis(url, timeout) if NativeRedis.supports(url) else None)
 
     async def execute(self, commands: Sequence[Command], check: bool = False,
                       fence: tuple[str, bytes] | None = None) -> list[Any]:
@@ -116,6 +131,15 @@ class RedisIO:
         """``script`` per (keys, args), then ``extra``, in one pipeline; reloaded on NOSCRIPT
         (see ``run_scripts``)."""
         return await run_scripts(self.execute, script, calls, extra, wait)
+
+    async def on_each_master(self, commands: Sequence[Command]) -> list[list[Any]]:
+        """``commands`` (keyless: INFO, CONFIG GET…) on every master, each one's replies:
+        one server, or each master of a cluster."""
+        if isinstance(self.native, ClusterRedis):
+            if self.native.stale:
+                await self.native.refresh()
+            return [await self.native._call(a, list(commands), None) for a in self.native.masters()]
+        return [await self.execute(commands)]
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)

@@ -99,15 +99,20 @@ class Memory:
 
 
 async def read(redis: RedisIO, keys: Keys, shards: int) -> tuple[int, int, int, int]:
-    """(used_memory, maxmemory, backlog bytes, evicted_keys), in one round trip."""
-    streams = [keys.ingest] + [keys.buffer(s) for s in range(shards)]
+    """(used_memory, maxmemory, backlog bytes, evicted_keys): on a cluster, summed over the
+    masters."""
+    infos = await redis.on_each_master([["INFO", "memory"], ["INFO", "stats"]])
+    usages = await redis.execute([["MEMORY", "USAGE", s] for s in keys.backlog_streams(shards)], check=True)
+    fields = [_info(memory) | _info(stats) for memory, stats in infos]
+    return (sum(int(f.get("used_memory", 0)) for f in fields), sum(int(f.get("maxmemory", 0)) for f in fields),
+            sum(int(u or 0) for u in usages), sum(int(f.get("evicted_keys", 0)) for f in fields))
 
-    def build(pipe: Any) -> None:
-        pipe.info("memory")
-        pipe.info("stats")
-        for stream in streams:
-            pipe.execute_command("MEMORY", "USAGE", stream)
 
-    info, stats, *usages = await redis.pipeline(build)
-    return (int(info.get("used_memory", 0)), int(info.get("maxmemory", 0)),
-            sum(int(u or 0) for u in usages), int(stats.get("evicted_keys", 0)))
+def _info(reply: Any) -> dict[str, str]:
+    """An INFO reply as fields (the trio-native client gives the text)."""
+    if isinstance(reply, Exception):
+        raise reply
+    if isinstance(reply, dict):
+        return {k: str(v) for k, v in reply.items()}
+    text = reply.decode() if isinstance(reply, bytes) else str(reply)
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line and not line.startswith("#"))

@@ -148,12 +148,15 @@ class NativeRedis:
             raise
         return connection
 
-    async def execute(self, commands: Sequence[Command], fence: tuple[str, bytes] | None = None) -> list[Any]:
+    async def execute(self, commands: Sequence[Command], fence: tuple[str, bytes] | None = None,
+                      suffix: Sequence[Command] = ()) -> list[Any]:
         """Run ``commands`` as one pipeline; error replies come back in place, as
         exceptions (like redis-py's ``execute(raise_on_error=False)``). With ``fence`` (a key
         and the value it must hold), on one connection: ``WATCH`` and ``GET`` of the key
         first, then ``commands`` (a MULTI … EXEC) only if it holds that value, else
-        ``FenceMoved``; an EXEC refused because the key changed meanwhile raises it too."""
+        ``FenceMoved``; an EXEC refused because the key changed meanwhile raises it too.
+        ``suffix``: sent right after ``commands`` on the same connection (a ``WAIT``), its
+        replies after theirs."""
         with trio.CancelScope(shield=True):
             connection: _Connection | None = None
             try:
@@ -167,11 +170,14 @@ class NativeRedis:
                         connection = await self._connect()
                     if fence is not None:
                         _watched, held = await connection.execute([["WATCH", fence[0]], ["GET", fence[0]]])
+                        if isinstance(held, Exception):  # e.g. MOVED on a cluster: nothing watched
+                            await connection.execute([["UNWATCH"]])
+                            raise held
                         if held != fence[1]:
                             await connection.execute([["UNWATCH"]])
                             raise FenceMoved(fence[0], held)
-                    replies = await connection.execute(commands)
-                    if fence is not None and replies and replies[-1] is None:
+                    replies = await connection.execute([*commands, *suffix] if suffix else commands)
+                    if fence is not None and commands and replies[len(commands) - 1] is None:
                         raise FenceMoved(fence[0], None)  # EXEC refused: the fence moved under it
             except trio.TooSlowError:
                 await self._drop(connection)
@@ -179,7 +185,7 @@ class NativeRedis:
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
                 await self._drop(connection)
                 raise redis.ConnectionError(f"redis connection lost: {e}") from None
-            except FenceMoved:
+            except (FenceMoved, redis.ResponseError):
                 if connection is not None:
                     self.idle.append(connection)  # nothing is left watched on it
                 raise

@@ -68,7 +68,7 @@ async def test_concurrent_requests_become_one_entry_per_group_and_one_batch_each
         fields = stored[receipt.entry_id]
         assert msgspec.msgpack.decode(fields[b"e"], type=list[Incoming]) == batch.events
         assert int(fields[b"n"]) == receipt.events == len(batch.events)
-        assert receipt.entry_id in in_flight.since
+        assert receipt.key in in_flight.since
         seen += [e.message_id for e in batch.events]
     every = [e.message_id for events in sent.values() for e in events]
     assert sorted(seen) == sorted(every)  # each request's events once, none lost or doubled
