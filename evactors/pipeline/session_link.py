@@ -143,6 +143,7 @@ class WorkerParams:
     redis_timeout: float
     key_prefix: str
     wait_replicas: int  # on a cluster: replicas each write waits for (redis.wait_replicas)
+    ingest_lanes: int  # on a cluster: redis.ingest_lanes (0: one server), so its keys are the service's
     shards: list[int]  # the worker's own; pipeline.session_shards is the count of all
     log_level: str
     log_format: str

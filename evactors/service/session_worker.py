@@ -51,7 +51,7 @@ COUNTERS_EVERY = 0.5  # seconds: how stale the worker's counters may be on the s
 
 async def _worker(params: WorkerParams) -> None:
     redis = RedisIO(params.redis_url, params.redis_timeout, wait_replicas=params.wait_replicas)
-    keys = Keys(params.key_prefix)
+    keys = Keys(params.key_prefix, params.ingest_lanes)
     pipe = msgspec.convert(params.pipeline, PipelineConfig)
     replayed = trio.Event()
     receipts_tx, receipts_rx = trio.open_memory_channel[list[Receipt]](pipe.channel_batches * 8)

@@ -32,7 +32,7 @@ from evactors.store.clickhouse import ClickHouse, embedded_dsn
 from evactors.store.keys import Keys, keys_for
 from evactors.store.paths import DataDir
 from evactors.store.redis_io import RedisIO
-from evactors.store.redis_memory import check_eviction, embedded_maxmemory
+from evactors.store.redis_memory import check_eviction, config_value, embedded_maxmemory
 from evactors.store.valkey import DataDirLock, EmbeddedValkey
 
 log = logging.getLogger("evactors.supervisor")
@@ -109,24 +109,30 @@ def instance_name(data_dir: Path) -> str:
 
 
 async def check_shards(redis: RedisIO, keys: Keys, shards: int) -> None:
-    """Stored state is placed by shard: the count cannot change under existing data."""
-    stored = await redis.run(redis.client.hget, keys.meta, "session_shards")
-    if stored is None:
-        await redis.run(redis.client.hset, keys.meta, "session_shards", shards)
-    elif int(stored) != shards:
-        raise ConfigError("pipeline.session_shards",
-                          f"the data in Redis was written with {int(stored)} shards; "
-                          f"set it back to {int(stored)} (changing it needs an empty Redis)")
+    """Stored state is placed by shard, and on a cluster ingest entries by lane: neither
+    count can change under existing data (an entry in a lane no one reads is stranded)."""
+    for field, setting, count in [("session_shards", "pipeline.session_shards", shards),
+                                  *([("ingest_lanes", "redis.ingest_lanes", len(keys.lanes))]
+                                    if keys.clustered else [])]:
+        stored = await redis.run(redis.client.hget, keys.meta, field)
+        if stored is None:
+            await redis.run(redis.client.hset, keys.meta, field, count)
+        elif int(stored) != count:
+            raise ConfigError(setting, f"the data in Redis was written with {int(stored)} ({field}); "
+                              f"set it back to {int(stored)} (changing it needs an empty Redis)")
 
 
 async def check_strict(redis: RedisIO) -> bool:
     """Whether strict needs WAITAOF after each write (True), or the server already fsyncs
     every write (False). Raises when the server can do neither."""
-    fsync = await redis.run(lambda: redis.client.config_get("appendfsync"))
-    if fsync.get("appendfsync") == "always":
+    fsyncs = [config_value(replies[0], "appendfsync")  # every master of a cluster
+              for replies in await redis.on_each_master([["CONFIG", "GET", "appendfsync"]])]
+    if all(fsync == "always" for fsync in fsyncs):
         return False
     try:  # numlocal 1, as every write will ask: refused when appendonly is off
-        await redis.run(lambda: redis.client.execute_command("WAITAOF", 1, 0, 1000))
+        for (reply,) in await redis.on_each_master([["WAITAOF", 1, 0, 1000]]):
+            if isinstance(reply, Exception):
+                raise reply
         return True
     except Exception as e:
         text = str(e).lower()

@@ -32,7 +32,7 @@ import logging
 import random
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import redis
 import trio
@@ -183,13 +183,15 @@ class ClusterRedis:
         self.pools: dict[Address, NativeRedis] = {}
         self.stale = True
         self._refreshing = trio.Lock()
+        # masters seen through ASK (importing a slot, maybe their first): scripts go there too
+        self.importing: set[Address] = set()
 
     def _pool(self, address: Address) -> NativeRedis:
         pool = self.pools.get(address)
         if pool is None:
             auth = ""
             if self.password:
-                auth = f"{self.user or ''}:{self.password}@"
+                auth = f"{quote(self.user or '', safe='')}:{quote(self.password, safe='')}@"
             pool = self.pools[address] = NativeRedis(f"redis://{auth}{address[0]}:{address[1]}", self.timeout)
         return pool
 
@@ -200,16 +202,15 @@ class ClusterRedis:
                 return
             candidates = list(dict.fromkeys([*self.pools, *self.seeds]))
             random.shuffle(candidates)
-            error: Exception | None = None
+            errors: list[str] = []
             for address in candidates:
                 try:
                     (reply,) = await self._pool(address).execute([["CLUSTER", "SLOTS"]])
                 except (redis.ConnectionError, redis.TimeoutError) as e:
-                    error = e
+                    errors.append(f"{address[0]}:{address[1]}: {e}")
                     continue
                 if isinstance(reply, Exception) or not reply:
-                    error = reply if isinstance(reply, Exception) else redis.ConnectionError(
-                        f"{address[0]}:{address[1]} serves no slot")
+                    errors.append(f"{address[0]}:{address[1]}: {reply or 'no slot map'}")
                     continue
                 slots: list[Address | None] = [None] * 16384
                 for start, end, master, *_replicas in reply:
@@ -218,18 +219,21 @@ class ClusterRedis:
                     for slot in range(int(start), int(end) + 1):
                         slots[slot] = where
                 self.slots = slots
+                self.importing.clear()
                 self.stale = False
                 return
-            raise redis.ConnectionError(f"no cluster node answered CLUSTER SLOTS: {error}")
+            raise redis.ConnectionError(f"no cluster node gave its slot map: {'; '.join(errors)}")
 
     def _node(self, slot: int | None) -> Address:
         if slot is None:
             served = [a for a in self.slots if a is not None]
             if not served:
+                self.stale = True
                 raise redis.ConnectionError("the cluster's slot map is empty")
             return served[0]
         address = self.slots[slot]
         if address is None:
+            self.stale = True  # read again before the retry: the map may have been partial
             raise redis.exceptions.ClusterDownError(f"CLUSTERDOWN slot {slot} is not served")
         return address
 
@@ -300,7 +304,7 @@ class ClusterRedis:
     async def _everywhere(self, part: _Part, replies: list[Any]) -> None:
         """``part`` (a SCRIPT LOAD) on every master; the first master's replies."""
         first: list[Any] | None = None
-        for address in self.masters():
+        for address in dict.fromkeys([*self.masters(), *self.importing]):
             got = await self._call(address, part.commands, None)
             first = got if first is None else first
         for position, reply in zip(part.positions, first or [], strict=False):
@@ -360,7 +364,12 @@ class ClusterRedis:
                 elif part.transaction:
                     raise redis.exceptions.TryAgainError(f"TRYAGAIN slot {slot} is migrating")
                 else:
+                    self.importing.add(target)
                     _asking, *asked = await self._call(target, [["ASKING"], *part.commands], None)
+                    if any(_redirect(r) is not None for r in asked):  # the move ended meanwhile
+                        self.stale = True
+                        again.append(part)
+                        continue
                     for position, reply in zip(part.positions, asked, strict=True):
                         replies[position] = reply
         return again

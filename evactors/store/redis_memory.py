@@ -44,15 +44,14 @@ def embedded_maxmemory(configured: int) -> int:
 
 async def check_eviction(redis: RedisIO, allow: bool) -> None:
     """Refuse (ConfigError: exit 2) a Redis that evicts keys, unless allowed."""
-    try:
-        policy = (await redis.run(lambda: redis.client.config_get("maxmemory-policy"))).get(
-            "maxmemory-policy", "")
+    try:  # every master of a cluster: one that evicts is enough to lose events
+        policies = [config_value(replies[0], "maxmemory-policy")
+                    for replies in await redis.on_each_master([["CONFIG", "GET", "maxmemory-policy"]])]
     except Exception as e:  # CONFIG disabled (a managed Redis): say what we could not check
         log.warning("cannot read the Redis's maxmemory-policy (%s); make sure it is noeviction", e)
         return
-    if isinstance(policy, bytes):
-        policy = policy.decode()
-    if policy and policy != "noeviction":
+    policy = next((p for p in policies if p and p != "noeviction"), "")
+    if policy:
         if allow:
             log.error("the Redis evicts keys (maxmemory-policy %s): events may be lost or doubled "
                       "when it is full (redis.allow_eviction = true)", policy)
@@ -62,6 +61,15 @@ async def check_eviction(redis: RedisIO, allow: bool) -> None:
             "(dedup buckets: doubled events; streams: lost events). Set maxmemory-policy "
             "noeviction on it (CONFIG SET maxmemory-policy noeviction), or redis.allow_eviction "
             "= true to run anyway"))
+
+
+def config_value(reply: Any, name: str) -> str:
+    """A ``CONFIG GET name`` reply's value ("" if unset): flat [name, value] or a dict."""
+    if isinstance(reply, Exception):
+        raise reply
+    pairs = reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=False))
+    value = pairs.get(name, pairs.get(name.encode(), ""))
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class Memory:

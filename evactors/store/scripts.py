@@ -109,14 +109,16 @@ return 0
 
 
 # KEYS: a stream, its counter, the dead-letter stream. ARGV: id, count, error, data, source.
-# The entry moves to the dead letters, atomically with its removal and the count.
+# The entry moves to the dead letters, atomically with its removal and the count; only if it
+# was still there, so a call run again (its reply lost) adds no second dead letter.
 BURY_ENTRY = Script("""
-redis.call('XADD', KEYS[3], '*', 'source', ARGV[5], 'id', ARGV[1], 'n', ARGV[2], 'error', ARGV[3],
-           'data', ARGV[4])
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 1 then
   redis.call('DECRBY', KEYS[2], tonumber(ARGV[2]))
+  redis.call('XADD', KEYS[3], '*', 'source', ARGV[5], 'id', ARGV[1], 'n', ARGV[2], 'error', ARGV[3],
+             'data', ARGV[4])
+  return 1
 end
-return 1
+return 0
 """)
 
 
