@@ -106,7 +106,7 @@ def worker_params(config: Config, redis_url: str, index: int, workers: int, inst
     return WorkerParams(
         redis_url=redis_url, redis_timeout=config.redis.timeout_seconds,
         key_prefix=config.redis.key_prefix, wait_replicas=config.redis.wait_replicas,
-        ingest_lanes=len(keys_for(config).lanes) if keys_for(config).clustered else 0,
+        ingest_lanes=keys_for(config).lane_count,
         shards=[s for s in range(pipe.session_shards) if s % workers == index],
         log_level=config.log.level, log_format=config.log.format, parent=os.getpid(), instance=instance,
         pipeline=msgspec.to_builtins(pipe), supervisor=msgspec.to_builtins(config.supervisor))

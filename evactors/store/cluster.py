@@ -240,6 +240,12 @@ class ClusterRedis:
     def masters(self) -> list[Address]:
         return list(dict.fromkeys(a for a in self.slots if a is not None))
 
+    async def on_each_master(self, commands: Sequence[Command]) -> list[list[Any]]:
+        """``commands`` (keyless) on every master, each one's replies."""
+        if self.stale:
+            await self.refresh()
+        return [await self._call(a, list(commands), None) for a in self.masters()]
+
     def _parts(self, commands: Sequence[Command]) -> list[_Part]:
         parts: list[_Part] = []
         block: _Part | None = None

@@ -43,6 +43,7 @@ class Keys:
             Lane(f"{prefix}:{{i{i}}}:in", f"{prefix}:{{i{i}}}:in:n", f"{prefix}:{{i{i}}}:dead")
             for i in range(lanes)]
         self.clustered = lanes > 0
+        self.lane_count = lanes  # as given: 0 on one server
         self.ingest, self.ingest_count, self.dead_letter = self.lanes[0]
         self.buffer_size_cached = f"{prefix}:bufsize"
         self.meta = f"{prefix}:meta"  # hash: facts the stored data depends on (shard count)

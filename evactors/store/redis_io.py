@@ -136,9 +136,7 @@ class RedisIO:
         """``commands`` (keyless: INFO, CONFIG GET…) on every master, each one's replies:
         one server, or each master of a cluster."""
         if isinstance(self.native, ClusterRedis):
-            if self.native.stale:
-                await self.native.refresh()
-            return [await self.native._call(a, list(commands), None) for a in self.native.masters()]
+            return await self.native.on_each_master(commands)
         return [await self.execute(commands)]
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:

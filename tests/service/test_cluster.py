@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_instances import LEASE_SECONDS, Visitors, check_exactly_once_and_sessions
+from test_instances import LEASE_SECONDS, Visitors, check_exactly_once_and_sessions, instance, lease_holders
 
-from conftest import Service, message, run_cli
+from conftest import message, run_cli
 from evactors.harness.valkey_cluster import LocalValkeyCluster
 from evactors.store.redis_io import sync_client
 
@@ -38,15 +38,7 @@ def cluster_env(cluster: Any, roles: str, wait_replicas: int = 0) -> dict[str, s
 
 
 def holders(cluster: Any) -> list[str]:
-    client = sync_client(cluster.url, 2)
-    try:
-        return [(client.get(f"evx:{{s{s}}}:lease") or b"").decode() for s in range(SHARDS)]
-    finally:
-        client.close()
-
-
-def instance(service: Service) -> str:
-    return (service.data_dir / "instance").read_text().strip()
+    return lease_holders(sync_client(cluster.url, 2), SHARDS)
 
 
 def test_one_instance_on_a_cluster_stores_every_event_once(make_service: Any, valkey_cluster: Any) -> None:

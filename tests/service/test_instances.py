@@ -29,12 +29,16 @@ def shared_env(valkey: Any, roles: str) -> dict[str, str]:
             "EVACTORS_PIPELINE_REPLAY_AFTER_SECONDS": "5"}
 
 
-def holders(valkey: Any, shards: int = 4) -> list[str]:
-    client = redis_py.Redis(unix_socket_path=str(valkey.unix_socket_path))
+def lease_holders(client: Any, shards: int = 4) -> list[str]:
+    """Each shard's lease holder ("" when free), read with ``client`` (closed after)."""
     try:
         return [(client.get(f"{KEY}:{{s{s}}}:lease") or b"").decode() for s in range(shards)]
     finally:
         client.close()
+
+
+def holders(valkey: Any, shards: int = 4) -> list[str]:
+    return lease_holders(redis_py.Redis(unix_socket_path=str(valkey.unix_socket_path)), shards)
 
 
 def instance(service: Service) -> str:
