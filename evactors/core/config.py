@@ -195,6 +195,17 @@ class PipelineConfig(_Section):
         "An ingest entry not finished after this many seconds is fed again (by any instance: its "
         "own was lost, or the instance that took it died); the shards' dedup drops what was "
         "done already.")] = 120.0
+    answer: Annotated[Literal["auto", "durable", "committed"], Doc(
+        'When a request is answered 200: "durable" (its events are in Redis), "committed" (also '
+        "committed by their session shards, or left in the inbox of the instance that owns them), "
+        '"auto" (committed while more than one instance is live, durable when alone). Committed '
+        "answers make the order of a visitor's answers the order its shard applies them in: "
+        "sessions stay exact without visitor affinity at the balancer, at the cost of an answer "
+        "that waits for the unit's commit (docs/operations.md, Scale).")] = "auto"
+    answer_wait_seconds: Annotated[float, Doc(
+        'Most seconds a "committed" answer waits for the commit; past it the request is answered '
+        "200 all the same (its events are durable) and counted in "
+        "evactors_answers_before_commit_total.")] = 5.0
     channel_batches: Annotated[int, Doc("Capacity, in batches, of each channel between actors.")] = 8
     unit_events: Annotated[int, Doc(
         "Events an enricher gathers into one unit of work (from as many requests as are "
@@ -540,6 +551,8 @@ def validate(c: Config) -> None:
         raise ConfigError("roles", f"expected one or more of {', '.join(ROLES)}, got {c.roles!r}")
     if c.pipeline.replay_after_seconds <= 0:
         raise ConfigError("pipeline.replay_after_seconds", "expected more than 0")
+    if c.pipeline.answer_wait_seconds <= 0:
+        raise ConfigError("pipeline.answer_wait_seconds", "expected more than 0")
     if c.pipeline.lease_seconds < 0.3:
         raise ConfigError("pipeline.lease_seconds", "expected 0.3 or more")
     if c.pipeline.session_workers < 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import msgspec
+import trio
 
 from evactors.core.model import BotRow, EventRow, Incoming
 
@@ -18,6 +19,9 @@ class Receipt:
     events: int
     remaining: int = 0
     lane: int = 0  # the ingest stream that holds it (``Keys.lanes``)
+    # set once every part is committed (or left in its owner's inbox): what answers that wait
+    # for their commit wait on (``pipeline.answer``); None when nobody waits
+    settled: trio.Event | None = None
 
     @property
     def key(self) -> str:

@@ -86,6 +86,14 @@ LEASES_LOST = Counter("evactors_shard_leases_lost", "Session shards whose lease 
 FORWARDED = Counter("evactors_forwarded_events", "Events left in a shard's inbox for its owner (an "
                     "instance that does not hold the shard took them)", registry=REGISTRY)
 
+ANSWERS_BEFORE_COMMIT = Counter(
+    "evactors_answers_before_commit", "Requests answered 200 once durable although their answer was to "
+    "wait for their commit (pipeline.answer: it took longer than pipeline.answer_wait_seconds)",
+    registry=REGISTRY)
+
+LIVE_INSTANCES = Gauge("evactors_live_instances", "Live instances on this Redis (any role), as this one "
+                       "last read them", registry=REGISTRY)
+
 
 FENCED = Counter("evactors_fenced_commits", "Session commits refused by their shard's fence (nothing "
                  "written; retried under a new lease, or dropped with the lease)", registry=REGISTRY)

@@ -8,6 +8,11 @@ next write, as **one** stream entry (one command, one round trip, ``WAITAOF`` on
 its acknowledgement and its bookkeeping cost is then paid per group, not per request:
 under a stream of one-event requests, per dozens of them. A write that fails fails the
 whole group: none of its requests is answered ``200``.
+
+With other instances live (``pipeline.answer``), an answer also waits until the acker has the
+group's receipt: every shard committed its part, or left it in the inbox of the instance that
+owns it. A visitor's next request, sent after that answer, then reaches its shard after this
+one, whichever instance takes it: that is what keeps sessions exact without affinity.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import trio
 
 from evactors.core.messages import IngestBatch, Receipt
 from evactors.core.model import Incoming
+from evactors.ops import metrics
 from evactors.pipeline.inflight import InFlight
 from evactors.store.keys import Keys
 from evactors.store.redis_io import RedisIO
@@ -37,7 +43,7 @@ def msgpack_array(items: list[bytes], count: int) -> bytes:
 class _Append:
     """One request waiting in a group commit: its outcome, and its turn."""
 
-    __slots__ = ("done", "encoded", "error", "events", "size", "turn")
+    __slots__ = ("done", "encoded", "error", "events", "receipt", "size", "turn")
 
     def __init__(self, events: list[Incoming], encoded: list[bytes]) -> None:
         self.events, self.encoded = events, encoded
@@ -45,6 +51,7 @@ class _Append:
         self.turn = trio.Event()  # set when this request's outcome is known, or it is to lead
         self.done = False
         self.error: BaseException | None = None
+        self.receipt: Receipt | None = None
 
 
 class DurableLog:
@@ -62,7 +69,8 @@ class DurableLog:
     MAX_GROUP_BYTES = 1 << 20  # encoded events in one entry (a request alone may exceed it)
 
     def __init__(self, redis: RedisIO, keys: Keys, wait_aof: bool,
-                 outbox: trio.MemorySendChannel[IngestBatch], in_flight: InFlight) -> None:
+                 outbox: trio.MemorySendChannel[IngestBatch], in_flight: InFlight,
+                 answer_wait: float = 5.0) -> None:
         self.redis = redis
         self.keys = keys
         self.wait_aof = wait_aof
@@ -72,6 +80,10 @@ class DurableLog:
         self._queue: list[_Append] = []
         self._busy = False
         self._writes = 0  # groups written: each takes the next lane
+        # Answer only once the events are committed by their shards (or in their owners'
+        # inboxes), not merely durable: set while other instances are live (pipeline.answer)
+        self.answer_committed = False
+        self.answer_wait = answer_wait
 
     async def append(self, events: list[Incoming], encoded: list[bytes]) -> None:
         """Store ``events`` (``encoded``: each one's msgpack) durably, then hand them on.
@@ -102,6 +114,12 @@ class DurableLog:
             raise item.error
         if batch is not None:
             await self.outbox.send(batch)
+        settled = item.receipt.settled if item.receipt is not None else None
+        if settled is not None:
+            with trio.move_on_after(self.answer_wait) as waited:
+                await settled.wait()
+            if waited.cancelled_caught:  # durable all the same: answered, counted
+                metrics.ANSWERS_BEFORE_COMMIT.inc()
 
     def _take_group(self) -> list[_Append]:
         size, n = 0, 0
@@ -137,6 +155,9 @@ class DurableLog:
             for item in group:
                 item.error = e
             return None
-        receipt = Receipt(replies[0].decode(), len(events), lane=lane)
+        receipt = Receipt(replies[0].decode(), len(events), lane=lane,
+                          settled=trio.Event() if self.answer_committed else None)
+        for item in group:
+            item.receipt = receipt
         self.in_flight.add([receipt.key])
         return IngestBatch([receipt], events)

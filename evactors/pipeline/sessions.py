@@ -45,7 +45,7 @@ from evactors.core.model import BotRow, EventRow, Incoming, ProfileRow, SessionR
 from evactors.core.sharding import shard_of
 from evactors.ops import metrics
 from evactors.store.dedup import ShardDedup, fingerprint
-from evactors.store.inbox import Inbox
+from evactors.store.inbox import READ_UNITS, Inbox
 from evactors.store.keys import Keys
 from evactors.store.leases import Lease, LeaseLost, ShardLeases
 from evactors.store.redis_io import RedisIO, retrying
@@ -682,7 +682,7 @@ async def session_actor(shard: SessionShard, to_shard: trio.MemoryReceiveChannel
                         notices: trio.MemorySendChannel[Notice], sweep_every: float,
                         replayed: trio.Event, max_events: int = 2000,
                         close_on_shutdown: bool = False, leases: ShardLeases | None = None,
-                        inbox: Inbox | None = None) -> None:
+                        inbox: Inbox | None = None, answer: str = "auto") -> None:
     """Run one shard for as long as ``to_shard`` brings batches. While this instance holds
     the shard's lease: commit its batches and what its inbox holds (``_hold``). While it does
     not: leave its batches in the shard's inbox for the owner, wherever it runs, and try to
@@ -699,7 +699,7 @@ async def session_actor(shard: SessionShard, to_shard: trio.MemoryReceiveChannel
                 return
             continue
         if await _hold(shard, to_shard, receipts, notices, sweep_every, replayed, max_events,
-                       close_on_shutdown, inbox, leases):
+                       close_on_shutdown, inbox, leases, answer):
             return
         shard.forget(everything=True)  # lost: another owner writes it now
 
@@ -737,42 +737,51 @@ async def _hold(shard: SessionShard, to_shard: trio.MemoryReceiveChannel[ShardBa
                 receipts: trio.MemorySendChannel[list[Receipt]],
                 notices: trio.MemorySendChannel[Notice], sweep_every: float,
                 replayed: trio.Event, max_events: int, close_on_shutdown: bool,
-                inbox: Inbox | None = None, leases: ShardLeases | None = None) -> bool:
+                inbox: Inbox | None = None, leases: ShardLeases | None = None, answer: str = "auto") -> bool:
     """Receive shard batches (coalescing what is queued, up to ``max_events``) and the
     shard's inbox, commit them, report receipts; True once ``to_shard`` ended, False when
     the lease was lost (the batches in hand are forwarded to the inbox, for the new owner).
-    Sweeps wait for the start-up replay: events a previous run accepted may continue
+    While other instances are live and answers wait for commits (``pipeline.answer``), the
+    inbox is read again for every unit, after its batches arrived: whatever another instance
+    answered before these batches' requests were sent is then applied with them, in event
+    order. Sweeps wait for the start-up replay: events a previous run accepted may continue
     sessions that look idle by the wall clock. When the to_shard ends (a graceful stop) and
     ``close_on_shutdown`` is set, every open session of the shard is closed first."""
     next_sweep = trio.current_time() + sweep_every
     next_poll = trio.current_time()
     after = b"-"  # the last inbox entry read
+    carried: list[ShardBatch] = []  # batches waiting behind a longer inbox (applied after it)
     while True:
-        if leases is not None and leases.hand_off(shard.shard):  # between two units
+        if not carried and leases is not None and leases.hand_off(shard.shard):  # between two units
             log.info("session-%d: handed to %s (preferred for it)", shard.shard, leases.preferred(shard.shard))
             await leases.release(shard.shard)
             return False
         batch: ShardBatch | None = None
         wake = min(next_sweep, next_poll) if inbox is not None else next_sweep
-        with trio.move_on_after(max(0.0, wake - trio.current_time())):
-            try:
-                batch = await to_shard.receive()
-            except trio.EndOfChannel:
-                if close_on_shutdown:
-                    with contextlib.suppress(LeaseLost):
-                        await _sweep_all(shard, leases, close_all=True)
-                return True
-        batches = [] if batch is None else take_queued(to_shard, batch, limit=max_events,
-                                                       size=lambda b: len(b.events))
+        if not carried:
+            with trio.move_on_after(max(0.0, wake - trio.current_time())):
+                try:
+                    batch = await to_shard.receive()
+                except trio.EndOfChannel:
+                    if close_on_shutdown:
+                        with contextlib.suppress(LeaseLost):
+                            await _sweep_all(shard, leases, close_all=True)
+                    return True
+        batches = carried or ([] if batch is None else take_queued(to_shard, batch, limit=max_events,
+                                                                   size=lambda b: len(b.events)))
+        carried = []
         try:
             if trio.current_time() >= next_sweep and replayed.is_set():
                 await _sweep_all(shard, leases)
                 next_sweep = trio.current_time() + sweep_every
             taken_in: list[tuple[bytes, list[Enriched]]] = []
-            if inbox is not None and trio.current_time() >= next_poll:
+            in_order = _in_order(leases, answer)
+            if inbox is not None and (trio.current_time() >= next_poll or (batches and in_order)):
                 taken_in = await retrying(f"session-{shard.shard} inbox", inbox.read, shard.shard, after)
-                alone = leases is not None and len(leases.members) <= 1
+                alone = leases is None or leases.peers <= 1
                 next_poll = trio.current_time() + (INBOX_POLL_ALONE_SECONDS if alone else INBOX_POLL_SECONDS)
+                if in_order and len(taken_in) == READ_UNITS:  # more may wait that was answered first
+                    carried, batches = batches, []
             if not batches and not taken_in:
                 continue
             items = [e for b in batches for e in b.events] + [e for _id, unit in taken_in for e in unit]
@@ -780,8 +789,8 @@ async def _hold(shard: SessionShard, to_shard: trio.MemoryReceiveChannel[ShardBa
                                    [entry_id for entry_id, _unit in taken_in])
         except LeaseLost as e:
             log.warning("session-%d: %s; its batches go to its inbox, for the new owner", shard.shard, e)
-            if inbox is not None and batches:
-                await _forward(inbox, shard.shard, batches, receipts)
+            if inbox is not None and (batches or carried):
+                await _forward(inbox, shard.shard, batches + carried, receipts)
             return False
         if taken_in:
             after = taken_in[-1][0]
@@ -799,6 +808,12 @@ async def _hold(shard: SessionShard, to_shard: trio.MemoryReceiveChannel[ShardBa
                 notices.send_nowait(Notice("event:received", commit.events, held=held))
             except trio.WouldBlock:
                 metrics.PUBLISH_DROPPED.inc()
+
+
+def _in_order(leases: ShardLeases | None, answer: str) -> bool:
+    """Answers wait for commits here and elsewhere (``pipeline.answer``): a unit then reads
+    the inbox before it commits, so what was answered before it came is applied with it."""
+    return answer == "committed" or (answer == "auto" and leases is not None and leases.peers > 1)
 
 
 def _ids(state_key: str) -> tuple[str, str]:
@@ -839,7 +854,8 @@ def start_shard_actors(nursery: trio.Nursery, supervise: Callable[..., Awaitable
     batch in hand. Each gets its own clones of ``receipts`` and ``notices``, closed when it
     ends, and commits under its shard's lease (``leases``)."""
     actor = functools.partial(session_actor, close_on_shutdown=pipe.close_sessions_on_shutdown,
-                              max_events=pipe.unit_events, leases=leases, inbox=Inbox(redis, keys))
+                              max_events=pipe.unit_events, leases=leases, inbox=Inbox(redis, keys),
+                              answer=pipe.answer)
     for index, to_shard in inboxes.items():
         shard = SessionShard(index, redis, keys, pipe.session_timeout_seconds, pipe.dedup_window_seconds,
                              lateness_s=pipe.lateness_seconds, shards=pipe.session_shards,

@@ -76,7 +76,7 @@ from evactors.store import leases
 from evactors.store.clickhouse import ClickHouse
 from evactors.store.keys import keys_for
 from evactors.store.paths import DataDir
-from evactors.store.redis_io import TRANSIENT, RedisIO
+from evactors.store.redis_io import TRANSIENT, RedisIO, retrying
 from evactors.store.redis_memory import Memory
 from evactors.store.valkey import EmbeddedValkey
 
@@ -149,7 +149,10 @@ async def serve(config: Config, parts: Parts, ready: Callable[[dict[str, Any]], 
     memory = Memory(config.server.high_water_bytes)
     dead_letters = DeadLetters(redis, keys)
     http_to_enrich = to_enrich_tx.clone()  # closed when the HTTP API stops
-    durable = DurableLog(redis, keys, parts.wait_aof, http_to_enrich, in_flight)
+    durable = DurableLog(redis, keys, parts.wait_aof, http_to_enrich, in_flight, pipe.answer_wait_seconds)
+
+    def live_instances(count: int) -> None:  # pipeline.answer: committed while not alone
+        durable.answer_committed = pipe.answer == "committed" or (pipe.answer == "auto" and count > 1)
     server = config.server
 
     def projects(c: Config) -> set[str]:  # every project a key or client names (CORS)
@@ -265,6 +268,15 @@ async def serve(config: Config, parts: Parts, ready: Callable[[dict[str, Any]], 
                 # What an earlier run accepted goes into the pipeline before anything new:
                 # a visitor's events then reach their session in the order they came.
                 await replayed.wait()
+                # Live instances (any role) are counted: answers wait for commits while there are
+                # others. One that joins lets the others see it before it takes a request.
+                count = await retrying("instances", leases.announce_once, redis, keys, parts.instance,
+                                       int(pipe.lease_seconds * 1000))
+                live_instances(count)
+                if count > 1:
+                    await trio.sleep(pipe.lease_seconds / 3 + 0.1)
+                root.start_soon(sup.supervise, "instances", leases.announce, redis, keys, parts.instance,
+                                pipe.lease_seconds, live_instances)  # until the root ends
                 binds = await actors.start(http)
                 info: dict[str, Any] = {"pid": os.getpid(), "url": binds[0] if binds else "",
                                         "admin": admin_at[0],

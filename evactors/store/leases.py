@@ -18,6 +18,10 @@ for to the preferred one (between two units: it lets go, the other takes it at i
 and a standby takes a free shard at once if it is preferred, else only once the shard has
 been free for a whole lease (its preferred instance is not taking it).
 
+Every instance, whatever its roles, also says it is alive in ``evx:instances`` (``announce``):
+while there are several, answers wait for commits and owners read their inboxes for every
+unit (``pipeline.answer``), which keeps a visitor's order across instances.
+
 Owners are named ``INSTANCE/INCARNATION``. An instance (a data dir, whose lock proves any
 earlier holder of that name dead or dying) takes its own earlier incarnations' leases at
 once, when it starts; another instance's only once they expired. A lease lost while running
@@ -31,7 +35,7 @@ import logging
 import secrets
 import time
 import zlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import trio
@@ -87,6 +91,7 @@ class ShardLeases:
         self.renew_every = lease_seconds / 3
         self.leases = {s: Lease(s, keys.fence(s)) for s in shards}
         self.members: list[str] = []  # the live instances that hold shards, as last read
+        self.peers = 1  # the live instances of any role (``announce``), as last read
 
     def preferred(self, shard: int) -> str:
         """The live instance this shard belongs with (this one, while none is known)."""
@@ -103,11 +108,13 @@ class ShardLeases:
         if not self.take:
             return
         now = int(time.time() * 1000)
-        _added, _expired, members = await retrying("members", self.redis.execute, [
+        _added, _expired, members, peers = await retrying("members", self.redis.execute, [
             ["ZADD", self.keys.members, now + self.ttl_ms, self.instance],
             ["ZREMRANGEBYSCORE", self.keys.members, "-inf", now],
-            ["ZRANGE", self.keys.members, 0, -1]], True)
+            ["ZRANGE", self.keys.members, 0, -1],
+            ["ZCOUNT", self.keys.instances, now, "+inf"]], True)
         self.members = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+        self.peers = max(1, int(peers))
 
     async def _acquire(self, shard: int, takeover: str) -> tuple[bool, int]:
         """(taken, fence) or (False, ms left of the holder's lease)."""
@@ -194,3 +201,31 @@ async def hold(redis: RedisIO, keys: Keys, shards: Sequence[int], instance: str,
                     await leases.release()
                 except Exception as e:  # they expire anyway
                     log.warning("leases not released: %s", e)
+
+
+async def announce_once(redis: RedisIO, keys: Keys, instance: str, ttl_ms: int) -> int:
+    """Say this instance (any role) is alive for ``ttl_ms``; the count of live instances."""
+    now = int(time.time() * 1000)
+    _added, _expired, count = await redis.execute([
+        ["ZADD", keys.instances, now + ttl_ms, instance],
+        ["ZREMRANGEBYSCORE", keys.instances, "-inf", now],
+        ["ZCARD", keys.instances]], True)
+    return int(count)
+
+
+async def announce(redis: RedisIO, keys: Keys, instance: str, lease_seconds: float,
+                   seen: Callable[[int], None]) -> None:
+    """Keep this instance in ``evx:instances`` (every third of a lease), telling ``seen`` how
+    many are live; on the way out (a graceful stop) leave it at once."""
+    try:
+        while True:
+            count = await retrying("instances", announce_once, redis, keys, instance, int(lease_seconds * 1000))
+            metrics.LIVE_INSTANCES.set(count)
+            seen(count)
+            await trio.sleep(lease_seconds / 3)
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            try:
+                await redis.execute([["ZREM", keys.instances, instance]])
+            except Exception as e:  # it expires anyway
+                log.warning("instance not withdrawn: %s", e)

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import redis as redis_py
 
-from conftest import Service, record_fault_result
+from conftest import Service, message, record_fault_result
 
 LEASE_SECONDS = 2.0
 KEY = "evx"
@@ -45,6 +45,11 @@ def instance(service: Service) -> str:
     return (service.data_dir / "instance").read_text().strip()
 
 
+def iso(ms: int) -> str:
+    """A Segment timestamp (ISO 8601 UTC, milliseconds)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
+
+
 class Visitors:
     """Track events of a few visitors, each request (1–3 events of one visitor) sent to an
     instance picked at random: no affinity. Remembers what was acknowledged."""
@@ -63,8 +68,7 @@ class Visitors:
         for _ in range(rng.randint(1, 3)):
             self.clock[visitor] += rng.randint(1000, 20_000)  # within a session (30 min)
             msgs.append({"type": "track", "event": "Step", "anonymousId": visitor, "messageId": str(uuid.uuid4()),
-                         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.clock[visitor] / 1000))
-                         + f".{self.clock[visitor] % 1000:03d}Z"})
+                         "timestamp": iso(self.clock[visitor])})
         target = rng.choice([s for s in self.services if s.proc is not None and s.proc.poll() is None])
         try:
             r = self.client.post(f"{target.url}/v1/batch", json={"batch": msgs}, auth=("key-a", ""))
@@ -114,6 +118,55 @@ def test_any_instance_takes_any_request_and_sessions_stay_exact(make_service: An
     assert sum(forwarded) > 0
     # b has no flusher: its own (embedded) ClickHouse got nothing
     assert b.query("SELECT count() AS n FROM evactors.events")[0]["n"] == 0
+
+
+def test_a_visitors_views_keep_their_order_through_any_instance(make_service: Any, valkey: Any) -> None:
+    """Page views minutes apart in event time but sent back to back, each to an instance at
+    random: the instance that owns the visitor applies them in the order they were answered,
+    whichever instance took each, so every saved view's duration is the time to the very next
+    one. (Answered once durable only, a view taken by the other instance reaches the owner
+    through the inbox after views sent later, past the lateness window: a duration too long.)"""
+    a = make_service("a", env=shared_env(valkey, "ingest,sessions,flusher")).start()
+    b = make_service("b", env=shared_env(valkey, "ingest,sessions")).start()
+    deadline = time.monotonic() + 20
+    while not all(holders(valkey)) or not all(  # each shard held, each instance knowing of the other
+            "evactors_live_instances 2.0" in s.metrics() for s in (a, b)):
+        assert time.monotonic() < deadline, holders(valkey)
+        time.sleep(0.2)
+    start = int(time.time() * 1000) - 3_600_000
+    views: dict[str, list[int]] = {}
+
+    def visit(v: int) -> None:
+        rng, client = random.Random(v), httpx.Client(timeout=10)
+        t, visitor = start, f"pv{v}"
+        views[visitor] = []
+        for n in range(10):
+            t += rng.randint(61_000, 300_000)  # past the lateness window, within the session
+            msg = message("page", anonymousId=visitor, name=f"P{n}", timestamp=iso(t),
+                          properties={"path": f"/p{n}"})
+            target = rng.choice((a, b))
+            r = client.post(f"{target.url}/v1/batch", json={"batch": [msg]}, auth=("key-a", ""))
+            assert r.status_code == 200, r.text
+            views[visitor].append(t)
+
+    threads = [threading.Thread(target=visit, args=(v,)) for v in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # all but each visitor's last two views are final (saved): their successor is past the window
+    rows = a.wait_rows("SELECT device_id, toUnixTimestamp64Milli(created_at) AS t, duration "
+                       "FROM evactors.events WHERE name = 'screen_view'", 12 * 8)
+    wrong = []
+    for row in rows:
+        times = views[row["device_id"]]
+        following = times[times.index(int(row["t"])) + 1]
+        if int(row["duration"]) != following - int(row["t"]):
+            wrong.append((row["device_id"], row["t"], row["duration"], following - int(row["t"])))
+    assert not wrong, wrong
+    forwarded = [float(line.split()[1]) for service in (a, b) for line in service.metrics().splitlines()
+                 if line.startswith("evactors_forwarded_events_total ")]
+    assert sum(forwarded) > 0  # requests taken by an instance that did not hold their visitor
 
 
 @pytest.mark.slow
