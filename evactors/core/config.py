@@ -204,8 +204,8 @@ class PipelineConfig(_Section):
         "that waits for the unit's commit (docs/operations.md, Scale).")] = "auto"
     answer_wait_seconds: Annotated[float, Doc(
         'Most seconds a "committed" answer waits for the commit; past it the request is answered '
-        "200 all the same (its events are durable) and counted in "
-        "evactors_answers_before_commit_total.")] = 5.0
+        "503 commit_late (its events are durable and will be stored; the client's retry is "
+        "deduplicated), counted in evactors_commits_late_total, so that a 200 still means in order.")] = 5.0
     channel_batches: Annotated[int, Doc("Capacity, in batches, of each channel between actors.")] = 8
     unit_events: Annotated[int, Doc(
         "Events an enricher gathers into one unit of work (from as many requests as are "

@@ -86,9 +86,9 @@ LEASES_LOST = Counter("evactors_shard_leases_lost", "Session shards whose lease 
 FORWARDED = Counter("evactors_forwarded_events", "Events left in a shard's inbox for its owner (an "
                     "instance that does not hold the shard took them)", registry=REGISTRY)
 
-ANSWERS_BEFORE_COMMIT = Counter(
-    "evactors_answers_before_commit", "Requests answered 200 once durable although their answer was to "
-    "wait for their commit (pipeline.answer: it took longer than pipeline.answer_wait_seconds)",
+COMMITS_LATE = Counter(
+    "evactors_commits_late", "Requests whose answer waited for their commit (pipeline.answer) longer "
+    "than pipeline.answer_wait_seconds: answered 503 commit_late, their events durable all the same",
     registry=REGISTRY)
 
 LIVE_INSTANCES = Gauge("evactors_live_instances", "Live instances on this Redis (any role), as this one "

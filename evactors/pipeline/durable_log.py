@@ -12,7 +12,9 @@ whole group: none of its requests is answered ``200``.
 With other instances live (``pipeline.answer``), an answer also waits until the acker has the
 group's receipt: every shard committed its part, or left it in the inbox of the instance that
 owns it. A visitor's next request, sent after that answer, then reaches its shard after this
-one, whichever instance takes it: that is what keeps sessions exact without affinity.
+one, whichever instance takes it: that is what keeps sessions exact without affinity. A
+commit later than ``pipeline.answer_wait_seconds`` is answered 503 (``CommitLate``), never
+200: the events stay durable, and the client's retry is deduplicated.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ def msgpack_array(items: list[bytes], count: int) -> bytes:
     header = (bytes([0x90 | count]) if count < 16 else b"\xdc" + count.to_bytes(2, "big") if count < 65536
               else b"\xdd" + count.to_bytes(4, "big"))
     return header + b"".join(items)
+
+
+class CommitLate(TimeoutError):
+    """The events are durable but their shards did not commit them in time: not answered 200,
+    so that a 200 still means "in order" (the client's retry is deduplicated)."""
 
 
 class _Append:
@@ -118,8 +125,9 @@ class DurableLog:
         if settled is not None:
             with trio.move_on_after(self.answer_wait) as waited:
                 await settled.wait()
-            if waited.cancelled_caught:  # durable all the same: answered, counted
-                metrics.ANSWERS_BEFORE_COMMIT.inc()
+            if waited.cancelled_caught:
+                metrics.COMMITS_LATE.inc()
+                raise CommitLate(f"not committed within {self.answer_wait:g}s (pipeline.answer_wait_seconds)")
 
     def _take_group(self) -> list[_Append]:
         size, n = 0, 0

@@ -169,6 +169,31 @@ def test_a_visitors_views_keep_their_order_through_any_instance(make_service: An
     assert sum(forwarded) > 0  # requests taken by an instance that did not hold their visitor
 
 
+def test_an_answer_waits_for_the_commit_and_a_late_commit_is_503_but_stored(make_service: Any, valkey: Any) -> None:
+    """pipeline.answer = committed: a 200 comes once the visitor's state is committed; a commit
+    later than pipeline.answer_wait_seconds is answered 503 commit_late, its events stored all
+    the same, and the client's retry stored once."""
+    env = {**shared_env(valkey, "ingest,sessions,flusher"), "EVACTORS_PIPELINE_ANSWER": "committed"}
+    a = make_service("a", env=env).start()
+    client = redis_py.Redis(unix_socket_path=str(valkey.unix_socket_path))
+    try:
+        for n in range(5):
+            assert a.batch([message(anonymousId=f"c{n}")]).status_code == 200
+            assert client.keys(f"{KEY}:*:u:project-a:c{n}"), "answered before its commit"
+    finally:
+        client.close()
+    a.stop()
+    a.env = {**env, "EVACTORS_PIPELINE_ANSWER_WAIT_SECONDS": "0.001"}
+    a.start()
+    late = message(anonymousId="late")
+    for _ in range(2):  # the client retries
+        r = a.batch([late])
+        assert r.status_code == 503 and r.json()["error"] == "commit_late", r.text
+        assert r.headers["retry-after"]
+    a.wait_rows(f"SELECT 1 FROM evactors.events WHERE message_id = '{late['messageId']}'", 1)
+    assert "evactors_commits_late_total 2.0" in a.metrics()
+
+
 @pytest.mark.slow
 def test_a_killed_shard_owner_is_taken_over_by_lease_and_nothing_is_lost_or_doubled(
         make_service: Any, valkey: Any) -> None:
