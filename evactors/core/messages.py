@@ -19,8 +19,8 @@ class Receipt:
     events: int
     remaining: int = 0
     lane: int = 0  # the ingest stream that holds it (``Keys.lanes``)
-    # set once every part is committed (or left in its owner's inbox): what answers that wait
-    # for their commit wait on (``pipeline.answer``); None when nobody waits
+    # set once every part is committed or left in its owner's inbox (``settle``): what answers
+    # that wait for their commit wait on (``pipeline.answer``); None when nobody waits
     settled: trio.Event | None = None
 
     @property
@@ -37,6 +37,14 @@ def count_down(receipts: list[Receipt]) -> list[Receipt]:
         receipt.remaining -= 1
         if receipt.remaining == 0:
             finished.append(receipt)
+    return settle(finished)
+
+
+def settle(finished: list[Receipt]) -> list[Receipt]:
+    """Complete receipts: the requests waiting for their commit may be answered now."""
+    for receipt in finished:
+        if receipt.settled is not None:
+            receipt.settled.set()
     return finished
 
 

@@ -1,5 +1,5 @@
 """Acker: deletes ingest entries once every shard committed its part of them (one script
-call per ingest lane), and lets the requests that wait for that be answered.
+call per ingest lane).
 
 Deletion and the counter update are one Lua script, and the counter only moves for
 entries that really were deleted, so a replayed entry acknowledged twice counts once.
@@ -22,9 +22,6 @@ async def acker(redis: RedisIO, keys: Keys, in_flight: InFlight,
     """Delete the ingest entries of complete receipts: what is queued, in one script call."""
     async for first in receipts:
         done = [r for taken in take_queued(receipts, first) for r in taken]
-        for r in done:  # what every shard took in may be answered (before the entries go)
-            if r.settled is not None:
-                r.settled.set()
         by_lane: dict[int, list[str | int]] = {}
         for r in done:
             by_lane.setdefault(r.lane, [""]).extend((r.entry_id, r.events))

@@ -13,19 +13,20 @@ With other instances live (``pipeline.answer``), an answer also waits until the 
 group's receipt: every shard committed its part, or left it in the inbox of the instance that
 owns it. A visitor's next request, sent after that answer, then reaches its shard after this
 one, whichever instance takes it: that is what keeps sessions exact without affinity. A
-commit later than ``pipeline.answer_wait_seconds`` is answered 503 (``CommitLate``), never
-200: the events stay durable, and the client's retry is deduplicated.
+commit later than ``pipeline.answer_wait_seconds`` is answered 503 (``CommitLate``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import trio
 
 from evactors.core.messages import IngestBatch, Receipt
 from evactors.core.model import Incoming
+from evactors.core.segment import RequestError
 from evactors.ops import metrics
 from evactors.pipeline.inflight import InFlight
 from evactors.store.keys import Keys
@@ -42,9 +43,13 @@ def msgpack_array(items: list[bytes], count: int) -> bytes:
     return header + b"".join(items)
 
 
-class CommitLate(TimeoutError):
-    """The events are durable but their shards did not commit them in time: not answered 200,
-    so that a 200 still means "in order" (the client's retry is deduplicated)."""
+class CommitLate(RequestError):
+    """The events are durable but their shards did not commit them in time: answered 503, not
+    200, so that a 200 still means "in order" (the client's retry is deduplicated)."""
+
+    def __init__(self, waited: float) -> None:
+        super().__init__(503, "commit_late", f"the events are stored durably but were not committed within "
+                         f"{waited:g}s (pipeline.answer_wait_seconds); retry: a retry is deduplicated")
 
 
 class _Append:
@@ -77,7 +82,7 @@ class DurableLog:
 
     def __init__(self, redis: RedisIO, keys: Keys, wait_aof: bool,
                  outbox: trio.MemorySendChannel[IngestBatch], in_flight: InFlight,
-                 answer_wait: float = 5.0) -> None:
+                 answer_wait: float = 5.0, answers_committed: Callable[[], bool] = lambda: False) -> None:
         self.redis = redis
         self.keys = keys
         self.wait_aof = wait_aof
@@ -88,8 +93,8 @@ class DurableLog:
         self._busy = False
         self._writes = 0  # groups written: each takes the next lane
         # Answer only once the events are committed by their shards (or in their owners'
-        # inboxes), not merely durable: set while other instances are live (pipeline.answer)
-        self.answer_committed = False
+        # inboxes), not merely durable: while other instances are live (pipeline.answer)
+        self.answers_committed = answers_committed
         self.answer_wait = answer_wait
 
     async def append(self, events: list[Incoming], encoded: list[bytes]) -> None:
@@ -127,7 +132,8 @@ class DurableLog:
                 await settled.wait()
             if waited.cancelled_caught:
                 metrics.COMMITS_LATE.inc()
-                raise CommitLate(f"not committed within {self.answer_wait:g}s (pipeline.answer_wait_seconds)")
+                log.warning("events durable but not committed in time, answering 503")
+                raise CommitLate(self.answer_wait)
 
     def _take_group(self) -> list[_Append]:
         size, n = 0, 0
@@ -164,7 +170,7 @@ class DurableLog:
                 item.error = e
             return None
         receipt = Receipt(replies[0].decode(), len(events), lane=lane,
-                          settled=trio.Event() if self.answer_committed else None)
+                          settled=trio.Event() if self.answers_committed() else None)
         for item in group:
             item.receipt = receipt
         self.in_flight.add([receipt.key])

@@ -16,7 +16,7 @@ import time
 import trio
 
 from evactors.core.channels import gather
-from evactors.core.messages import IngestBatch, Receipt, ShardBatch
+from evactors.core.messages import IngestBatch, Receipt, ShardBatch, settle
 from evactors.enrichment.enrich import Enricher
 from evactors.pipeline.deadletters import DeadLetters
 
@@ -51,7 +51,7 @@ async def enricher(work: Enricher, shards: int,
                 slice_end = time.perf_counter() + BUDGET_SECONDS
         if poison:
             await dead_letters.bury_events(poison)
-        finished = [r for r in batch.receipts if r.remaining == 0]
+        finished = settle([r for r in batch.receipts if r.remaining == 0])
         for shard, part in parts.items():
             await to_shard[shard].send(part)
         if finished:

@@ -45,7 +45,7 @@ from evactors.core.model import BotRow, EventRow, Incoming, ProfileRow, SessionR
 from evactors.core.sharding import shard_of
 from evactors.ops import metrics
 from evactors.store.dedup import ShardDedup, fingerprint
-from evactors.store.inbox import READ_UNITS, Inbox
+from evactors.store.inbox import READ_UNITS, Inbox, stream_id
 from evactors.store.keys import Keys
 from evactors.store.leases import Lease, LeaseLost, ShardLeases
 from evactors.store.redis_io import RedisIO, retrying
@@ -165,8 +165,8 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode_state = msgspec.msgpack.Decoder(UserState).decode
 
 
-def _alias_commands(commit: Commit) -> list[Command]:
-    return [["SET", key, target, "EX", YEAR] for key, target in commit.aliases.items()]
+def _alias_commands(aliases: dict[str, str]) -> list[Command]:
+    return [["SET", key, target, "EX", YEAR] for key, target in aliases.items()]
 
 
 class Commit:
@@ -246,6 +246,7 @@ class SessionShard:
         self.state_cache = state_cache
         self.cache: OrderedDict[str, UserState] = OrderedDict()  # key → state, least recent first
         self.commits: int | None = None  # the shard's commit count after our last commit
+        self.aliases_written = False  # on a cluster: no committed alias link waits to be written
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -501,7 +502,9 @@ class SessionShard:
         commands: list[Command] = [["MULTI"], ["INCR", keys.commits(shard)],
                                    *self.dedup.commands(commit.fingerprints, self._now_ms())]
         if not self.redis.cluster:
-            commands += _alias_commands(commit)
+            commands += _alias_commands(commit.aliases)
+        elif commit.aliases:  # written to their own slots once this commits (``_write_aliases``)
+            commands.append(["HSET", keys.pending_aliases(shard), *itertools.chain(*commit.aliases.items())])
         adds: list[int | str] = []
         removes: list[str] = []
         for key, state in commit.states.items():
@@ -523,15 +526,26 @@ class SessionShard:
         commands.append(["EXEC"])
         return commands
 
+    async def _write_aliases(self, aliases: dict[str, str] | None = None) -> None:
+        """On a cluster an alias key lives in its own slot, not the shard's: the commit records
+        its links in the shard's pending hash, and they are written from there once it has
+        committed — never before (a unit done again would see its own link early), never lost
+        (what a crash left pending is written before the shard's next unit)."""
+        pending = self.keys.pending_aliases(self.shard)
+        if aliases is None:
+            (flat,) = await self.redis.execute([["HGETALL", pending]], check=True)
+            aliases = ({k.decode(): v.decode() for k, v in flat.items()} if isinstance(flat, dict) else
+                       {k.decode(): v.decode() for k, v in zip(flat[::2], flat[1::2], strict=True)})
+        if aliases:
+            await self.redis.execute(_alias_commands(aliases), check=True)
+            await self.redis.execute([["HDEL", pending, *aliases]], check=True)
+        self.aliases_written = True
+
     async def _commit(self, commit: Commit) -> None:
         """Commit, then keep in memory what was committed."""
         if not (commit.fingerprints or commit.aliases or commit.states or commit.rows or commit.taken_in):
             return
         fence = None if self.lease is None else (self.lease.fence_key, b"%d" % (self.token or 0))
-        if self.redis.cluster and commit.aliases:
-            # On a cluster an alias key lives in its own slot, not the shard's: written just
-            # before the transaction (the same value again if the unit is done again)
-            await self.redis.execute(_alias_commands(commit), check=True)
         try:
             replies = await self.redis.execute(self._commands(commit), fence=fence)
         except FenceMoved:
@@ -545,6 +559,8 @@ class SessionShard:
         for reply in replies[-1]:
             if isinstance(reply, Exception):  # applied in part: never expected
                 raise reply
+        if self.redis.cluster and commit.aliases:
+            await self._write_aliases(commit.aliases)
         count = replies[-1][0]
         if self.commits is not None and count != self.commits + 1:
             # Redis lost writes (a restart without them) or another writer: memory may be
@@ -570,6 +586,7 @@ class SessionShard:
         the commit wrote to is read again (``everything``: the whole window)."""
         self.cache.clear()
         self.commits = None
+        self.aliases_written = False
         self.dedup.failed()
         if everything:
             self.dedup.loaded = False
@@ -589,6 +606,8 @@ class SessionShard:
         now = self._now_ms()
         items = sorted(items, key=_unit_order(items))
         await self.dedup.prepare(self.redis, now)
+        if self.redis.cluster and not self.aliases_written:
+            await self._write_aliases()  # what an earlier commit left pending
         prints = [fingerprint(e.row.project_id, e.row.message_id) for e in items]
         seen = self.dedup.seen(prints)
         events = [(e.row, e.incoming) for e in items if isinstance(e.row, EventRow)]
@@ -682,7 +701,8 @@ async def session_actor(shard: SessionShard, to_shard: trio.MemoryReceiveChannel
                         notices: trio.MemorySendChannel[Notice], sweep_every: float,
                         replayed: trio.Event, max_events: int = 2000,
                         close_on_shutdown: bool = False, leases: ShardLeases | None = None,
-                        inbox: Inbox | None = None, answer: str = "auto") -> None:
+                        inbox: Inbox | None = None,
+                        answers_committed: Callable[[bool], bool] = lambda _others: False) -> None:
     """Run one shard for as long as ``to_shard`` brings batches. While this instance holds
     the shard's lease: commit its batches and what its inbox holds (``_hold``). While it does
     not: leave its batches in the shard's inbox for the owner, wherever it runs, and try to
@@ -699,7 +719,7 @@ async def session_actor(shard: SessionShard, to_shard: trio.MemoryReceiveChannel
                 return
             continue
         if await _hold(shard, to_shard, receipts, notices, sweep_every, replayed, max_events,
-                       close_on_shutdown, inbox, leases, answer):
+                       close_on_shutdown, inbox, leases, answers_committed):
             return
         shard.forget(everything=True)  # lost: another owner writes it now
 
@@ -737,7 +757,8 @@ async def _hold(shard: SessionShard, to_shard: trio.MemoryReceiveChannel[ShardBa
                 receipts: trio.MemorySendChannel[list[Receipt]],
                 notices: trio.MemorySendChannel[Notice], sweep_every: float,
                 replayed: trio.Event, max_events: int, close_on_shutdown: bool,
-                inbox: Inbox | None = None, leases: ShardLeases | None = None, answer: str = "auto") -> bool:
+                inbox: Inbox | None = None, leases: ShardLeases | None = None,
+                answers_committed: Callable[[bool], bool] = lambda _others: False) -> bool:
     """Receive shard batches (coalescing what is queued, up to ``max_events``) and the
     shard's inbox, commit them, report receipts; True once ``to_shard`` ended, False when
     the lease was lost (the batches in hand are forwarded to the inbox, for the new owner).
@@ -750,7 +771,8 @@ async def _hold(shard: SessionShard, to_shard: trio.MemoryReceiveChannel[ShardBa
     next_sweep = trio.current_time() + sweep_every
     next_poll = trio.current_time()
     after = b"-"  # the last inbox entry read
-    carried: list[ShardBatch] = []  # batches waiting behind a longer inbox (applied after it)
+    carried: list[ShardBatch] = []  # batches waiting for the inbox up to ``horizon`` to go first
+    horizon: tuple[int, int] | None = None  # the newest inbox entry when they came
     while True:
         if not carried and leases is not None and leases.hand_off(shard.shard):  # between two units
             log.info("session-%d: handed to %s (preferred for it)", shard.shard, leases.preferred(shard.shard))
@@ -769,19 +791,26 @@ async def _hold(shard: SessionShard, to_shard: trio.MemoryReceiveChannel[ShardBa
                     return True
         batches = carried or ([] if batch is None else take_queued(to_shard, batch, limit=max_events,
                                                                    size=lambda b: len(b.events)))
-        carried = []
+        was_carried, carried = bool(carried), []
         try:
             if trio.current_time() >= next_sweep and replayed.is_set():
                 await _sweep_all(shard, leases)
                 next_sweep = trio.current_time() + sweep_every
             taken_in: list[tuple[bytes, list[Enriched]]] = []
-            in_order = _in_order(leases, answer)
+            in_order = was_carried or _in_order(leases, answers_committed)
             if inbox is not None and (trio.current_time() >= next_poll or (batches and in_order)):
                 taken_in = await retrying(f"session-{shard.shard} inbox", inbox.read, shard.shard, after)
-                alone = leases is None or leases.peers <= 1
+                alone = leases is None or not leases.others.live
                 next_poll = trio.current_time() + (INBOX_POLL_ALONE_SECONDS if alone else INBOX_POLL_SECONDS)
-                if in_order and len(taken_in) == READ_UNITS:  # more may wait that was answered first
-                    carried, batches = batches, []
+                if batches and in_order and len(taken_in) == READ_UNITS:
+                    # more waits: what was there when these batches came (answered before them,
+                    # maybe) goes first, in pages; what came after may go with them
+                    if horizon is None:
+                        horizon = await retrying(f"session-{shard.shard} inbox", inbox.newest, shard.shard)
+                    if horizon is not None and stream_id(taken_in[-1][0]) < horizon:
+                        carried, batches = batches, []
+                if not carried:
+                    horizon = None
             if not batches and not taken_in:
                 continue
             items = [e for b in batches for e in b.events] + [e for _id, unit in taken_in for e in unit]
@@ -810,10 +839,10 @@ async def _hold(shard: SessionShard, to_shard: trio.MemoryReceiveChannel[ShardBa
                 metrics.PUBLISH_DROPPED.inc()
 
 
-def _in_order(leases: ShardLeases | None, answer: str) -> bool:
-    """Answers wait for commits here and elsewhere (``pipeline.answer``): a unit then reads
-    the inbox before it commits, so what was answered before it came is applied with it."""
-    return answer == "committed" or (answer == "auto" and leases is not None and leases.peers > 1)
+def _in_order(leases: ShardLeases | None, answers_committed: Callable[[bool], bool]) -> bool:
+    """Answers wait for commits (``pipeline.answer``): a unit then reads the inbox before it
+    commits, so that what was answered before its requests came is applied with it."""
+    return leases is not None and answers_committed(leases.others.live)
 
 
 def _ids(state_key: str) -> tuple[str, str]:
@@ -855,7 +884,7 @@ def start_shard_actors(nursery: trio.Nursery, supervise: Callable[..., Awaitable
     ends, and commits under its shard's lease (``leases``)."""
     actor = functools.partial(session_actor, close_on_shutdown=pipe.close_sessions_on_shutdown,
                               max_events=pipe.unit_events, leases=leases, inbox=Inbox(redis, keys),
-                              answer=pipe.answer)
+                              answers_committed=pipe.answers_committed)
     for index, to_shard in inboxes.items():
         shard = SessionShard(index, redis, keys, pipe.session_timeout_seconds, pipe.dedup_window_seconds,
                              lateness_s=pipe.lateness_seconds, shards=pipe.session_shards,

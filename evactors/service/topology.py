@@ -149,10 +149,9 @@ async def serve(config: Config, parts: Parts, ready: Callable[[dict[str, Any]], 
     memory = Memory(config.server.high_water_bytes)
     dead_letters = DeadLetters(redis, keys)
     http_to_enrich = to_enrich_tx.clone()  # closed when the HTTP API stops
-    durable = DurableLog(redis, keys, parts.wait_aof, http_to_enrich, in_flight, pipe.answer_wait_seconds)
-
-    def live_instances(count: int) -> None:  # pipeline.answer: committed while not alone
-        durable.answer_committed = pipe.answer == "committed" or (pipe.answer == "auto" and count > 1)
+    others = leases.Others(pipe.lease_seconds)
+    durable = DurableLog(redis, keys, parts.wait_aof, http_to_enrich, in_flight, pipe.answer_wait_seconds,
+                         lambda: pipe.answers_committed(others.live))
     server = config.server
 
     def projects(c: Config) -> set[str]:  # every project a key or client names (CORS)
@@ -268,15 +267,16 @@ async def serve(config: Config, parts: Parts, ready: Callable[[dict[str, Any]], 
                 # What an earlier run accepted goes into the pipeline before anything new:
                 # a visitor's events then reach their session in the order they came.
                 await replayed.wait()
-                # Live instances (any role) are counted: answers wait for commits while there are
-                # others. One that joins lets the others see it before it takes a request.
-                count = await retrying("instances", leases.announce_once, redis, keys, parts.instance,
-                                       int(pipe.lease_seconds * 1000))
-                live_instances(count)
-                if count > 1:
-                    await trio.sleep(pipe.lease_seconds / 3 + 0.1)
-                root.start_soon(sup.supervise, "instances", leases.announce, redis, keys, parts.instance,
-                                pipe.lease_seconds, live_instances)  # until the root ends
+                # Instances that take requests or hold shards say they are alive: while there are
+                # several, answers wait for commits. One that joins lets the others see it (each
+                # looks every third of a lease) before it takes a request.
+                if {"ingest", "sessions"} & set(config.roles):
+                    others.seen(await retrying("instances", leases.announce_once, redis, keys, parts.instance,
+                                               int(pipe.lease_seconds * 1000)))
+                    if others.live:
+                        await trio.sleep(2 * pipe.lease_seconds / 3)
+                    root.start_soon(sup.supervise, "instances", leases.announce, redis, keys, parts.instance,
+                                    pipe.lease_seconds, others)  # until the root ends
                 binds = await actors.start(http)
                 info: dict[str, Any] = {"pid": os.getpid(), "url": binds[0] if binds else "",
                                         "admin": admin_at[0],

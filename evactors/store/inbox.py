@@ -20,6 +20,12 @@ from evactors.store.redis_io import RedisIO, stream_entries
 READ_UNITS = 8
 
 
+def stream_id(entry_id: bytes) -> tuple[int, int]:
+    """A stream entry id (``b"ms-seq"``) as it orders."""
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq)
+
+
 class Inbox:
     def __init__(self, redis: RedisIO, keys: Keys) -> None:
         self.redis, self.keys = redis, keys
@@ -30,6 +36,13 @@ class Inbox:
         if events:
             await self.redis.execute([["XADD", self.keys.inbox(shard), "*", "u",
                                        encode_unit(0, shard, ShardBatch(events))]], check=True)
+
+    async def newest(self, shard: int) -> tuple[int, int] | None:
+        """The id of the newest entry (``stream_id``), or None when the inbox is empty."""
+        (entries,) = await self.redis.execute([["XREVRANGE", self.keys.inbox(shard), "+", "-", "COUNT", 1]],
+                                              check=True)
+        newest = stream_entries(entries)
+        return stream_id(newest[0][0]) if newest else None
 
     async def read(self, shard: int, after: bytes) -> list[tuple[bytes, list[Enriched]]]:
         """The units after entry id ``after`` (``b"-"``: from the first), oldest first."""

@@ -87,6 +87,11 @@ class Keys:
         # its owner, wherever it runs (deleted by the commit that takes them in)
         return f"{self.shard(shard)}:inbox"
 
+    def pending_aliases(self, shard: int) -> str:
+        # hash: alias key → target, committed with the shard's transaction on a cluster and
+        # deleted once the alias keys (other slots) are written: none is lost, none is early
+        return f"{self.shard(shard)}:aliases"
+
     def lease(self, shard: int) -> str:
         return f"{self.shard(shard)}:lease"  # string with a TTL: the owner of the shard
 

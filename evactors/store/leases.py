@@ -32,10 +32,11 @@ writer drop its memory and read the state again.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import trio
@@ -91,7 +92,7 @@ class ShardLeases:
         self.renew_every = lease_seconds / 3
         self.leases = {s: Lease(s, keys.fence(s)) for s in shards}
         self.members: list[str] = []  # the live instances that hold shards, as last read
-        self.peers = 1  # the live instances of any role (``announce``), as last read
+        self.others = Others(lease_seconds)  # other live instances, of any role (``announce``)
 
     def preferred(self, shard: int) -> str:
         """The live instance this shard belongs with (this one, while none is known)."""
@@ -108,13 +109,13 @@ class ShardLeases:
         if not self.take:
             return
         now = int(time.time() * 1000)
-        _added, _expired, members, peers = await retrying("members", self.redis.execute, [
+        _added, _expired, members, live = await retrying("members", self.redis.execute, [
             ["ZADD", self.keys.members, now + self.ttl_ms, self.instance],
             ["ZREMRANGEBYSCORE", self.keys.members, "-inf", now],
             ["ZRANGE", self.keys.members, 0, -1],
             ["ZCOUNT", self.keys.instances, now, "+inf"]], True)
         self.members = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
-        self.peers = max(1, int(peers))
+        self.others.seen(int(live))
 
     async def _acquire(self, shard: int, takeover: str) -> tuple[bool, int]:
         """(taken, fence) or (False, ms left of the holder's lease)."""
@@ -186,9 +187,11 @@ async def hold(redis: RedisIO, keys: Keys, shards: Sequence[int], instance: str,
     await leases.heartbeat()
     async with trio.open_nursery() as nursery:
 
-        async def keep() -> None:
+        async def keep() -> None:  # by deadline: a slow renewal does not stretch the period
+            due = trio.current_time()
             while True:
-                await trio.sleep(leases.renew_every)
+                due = max(due + leases.renew_every, trio.current_time())
+                await trio.sleep_until(due)
                 await leases.renew()
 
         nursery.start_soon(keep)
@@ -203,29 +206,54 @@ async def hold(redis: RedisIO, keys: Keys, shards: Sequence[int], instance: str,
                     log.warning("leases not released: %s", e)
 
 
+class Others:
+    """Whether other instances are live, as ``evx:instances`` last said: once seen, others
+    count as live until reads have said "alone" for ``hold`` seconds — a read that fails (a
+    Redis failover) changes nothing, and entries that expired in an outage have time to
+    come back — so that ordered answers (``PipelineConfig.answers_committed``) never lapse
+    while another instance may take requests."""
+
+    def __init__(self, lease_seconds: float) -> None:
+        self.hold = 2 * lease_seconds + 5  # a lease to say so again, and a retry's longest wait
+        self.alone_since: float | None = -math.inf
+
+    def seen(self, live: int) -> None:
+        metrics.LIVE_INSTANCES.set(live)
+        if live > 1:
+            self.alone_since = None
+        elif self.alone_since is None:
+            self.alone_since = time.monotonic()
+
+    @property
+    def live(self) -> bool:
+        return self.alone_since is None or time.monotonic() - self.alone_since < self.hold
+
+
 async def announce_once(redis: RedisIO, keys: Keys, instance: str, ttl_ms: int) -> int:
-    """Say this instance (any role) is alive for ``ttl_ms``; the count of live instances."""
+    """Say this instance is alive for ``ttl_ms``; how many are (this one included)."""
     now = int(time.time() * 1000)
-    _added, _expired, count = await redis.execute([
+    _added, _expired, live = await redis.execute([
         ["ZADD", keys.instances, now + ttl_ms, instance],
         ["ZREMRANGEBYSCORE", keys.instances, "-inf", now],
-        ["ZCARD", keys.instances]], True)
-    return int(count)
+        ["ZCOUNT", keys.instances, now, "+inf"]], True)
+    return int(live)
 
 
-async def announce(redis: RedisIO, keys: Keys, instance: str, lease_seconds: float,
-                   seen: Callable[[int], None]) -> None:
-    """Keep this instance in ``evx:instances`` (every third of a lease), telling ``seen`` how
-    many are live; on the way out (a graceful stop) leave it at once."""
+async def announce(redis: RedisIO, keys: Keys, instance: str, lease_seconds: float, others: Others) -> None:
+    """Keep this instance in ``evx:instances`` (every third of a lease, by deadline), telling
+    ``others`` how many are live; at a graceful stop (cancelled) leave it at once. A crash
+    leaves it: the supervisor's restart says it is alive again."""
+    due = trio.current_time()
     try:
         while True:
-            count = await retrying("instances", announce_once, redis, keys, instance, int(lease_seconds * 1000))
-            metrics.LIVE_INSTANCES.set(count)
-            seen(count)
-            await trio.sleep(lease_seconds / 3)
-    finally:
+            others.seen(await retrying("instances", announce_once, redis, keys, instance,
+                                       int(lease_seconds * 1000)))
+            due = max(due + lease_seconds / 3, trio.current_time())
+            await trio.sleep_until(due)
+    except trio.Cancelled:
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             try:
                 await redis.execute([["ZREM", keys.instances, instance]])
             except Exception as e:  # it expires anyway
                 log.warning("instance not withdrawn: %s", e)
+        raise

@@ -26,7 +26,7 @@ from evactors.core.segment import Parsed, Peer, RequestError, body_write_key, de
 from evactors.enrichment.bots import header_describes_sender
 from evactors.ops import metrics
 from evactors.pipeline.backlog import Backlog
-from evactors.pipeline.durable_log import CommitLate, DurableLog
+from evactors.pipeline.durable_log import DurableLog
 from evactors.service.credentials import WriteKeys
 from evactors.service.http.cors import Cors
 from evactors.service.http.request import BodyBounds, ClientAddress, Receive, Scope, header, read_body
@@ -117,11 +117,6 @@ class SegmentApi:
             self._rate_limit(project, parsed.events)
             try:
                 await self.durable.append(parsed.events, parsed.encoded)
-            except CommitLate as e:
-                log.warning("events durable but not committed in time, answering 503: %s", e)
-                raise RequestError(503, "commit_late", "the events are stored durably but their commit is "
-                                   "late (another instance, a Redis failover); retry: a retry is "
-                                   "deduplicated") from None
             except (*TRANSIENT, TimeoutError, redis.ResponseError) as e:  # OOM, MISCONF, READONLY…
                 log.warning("cannot store events, answering 503: %s", e)
                 metrics.EVENTS_REJECTED.labels("redis_unavailable").inc(len(parsed.events))
