@@ -30,6 +30,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -661,6 +662,8 @@ class SessionShard:
     async def _sweep(self, close_all: bool) -> Commit | None:
         self._held()
         now = self._now_ms()
+        if self.redis.cluster and not self.aliases_written:
+            await self._write_aliases()  # a shard without events still writes what is pending
         index = self.keys.session_index(self.shard)
         cutoff = "+inf" if close_all else now - self.timeout_ms
         expired: Any = await self.redis.run(
@@ -779,7 +782,8 @@ async def _hold(shard: SessionShard, to_shard: trio.MemoryReceiveChannel[ShardBa
             await leases.release(shard.shard)
             return False
         batch: ShardBatch | None = None
-        wake = min(next_sweep, next_poll) if inbox is not None else next_sweep
+        sweep_at = next_sweep if replayed.is_set() else math.inf  # no sweep before the replay is done
+        wake = min(sweep_at, next_poll) if inbox is not None else sweep_at
         if not carried:
             with trio.move_on_after(max(0.0, wake - trio.current_time())):
                 try:

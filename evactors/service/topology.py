@@ -272,7 +272,7 @@ async def serve(config: Config, parts: Parts, ready: Callable[[dict[str, Any]], 
                 # looks every third of a lease) before it takes a request.
                 if {"ingest", "sessions"} & set(config.roles):
                     others.seen(await retrying("instances", leases.announce_once, redis, keys, parts.instance,
-                                               int(pipe.lease_seconds * 1000)))
+                                               int(pipe.lease_seconds * 1000)), parts.instance)
                     if others.live:
                         await trio.sleep(2 * pipe.lease_seconds / 3)
                     root.start_soon(sup.supervise, "instances", leases.announce, redis, keys, parts.instance,

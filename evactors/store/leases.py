@@ -38,6 +38,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import trio
 
@@ -113,9 +114,9 @@ class ShardLeases:
             ["ZADD", self.keys.members, now + self.ttl_ms, self.instance],
             ["ZREMRANGEBYSCORE", self.keys.members, "-inf", now],
             ["ZRANGE", self.keys.members, 0, -1],
-            ["ZCOUNT", self.keys.instances, now, "+inf"]], True)
+            ["ZRANGEBYSCORE", self.keys.instances, now, "+inf"]], True)
         self.members = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
-        self.others.seen(int(live))
+        self.others.seen(live, self.instance)
 
     async def _acquire(self, shard: int, takeover: str) -> tuple[bool, int]:
         """(taken, fence) or (False, ms left of the holder's lease)."""
@@ -217,9 +218,11 @@ class Others:
         self.hold = 2 * lease_seconds + 5  # a lease to say so again, and a retry's longest wait
         self.alone_since: float | None = -math.inf
 
-    def seen(self, live: int) -> None:
-        metrics.LIVE_INSTANCES.set(live)
-        if live > 1:
+    def seen(self, live: list[Any], instance: str) -> None:
+        """``live``: the members of ``evx:instances`` alive now; ``instance``: this one."""
+        others = sum((m.decode() if isinstance(m, bytes) else str(m)) != instance for m in live)
+        metrics.LIVE_INSTANCES.set(others + 1)
+        if others:
             self.alone_since = None
         elif self.alone_since is None:
             self.alone_since = time.monotonic()
@@ -229,14 +232,14 @@ class Others:
         return self.alone_since is None or time.monotonic() - self.alone_since < self.hold
 
 
-async def announce_once(redis: RedisIO, keys: Keys, instance: str, ttl_ms: int) -> int:
-    """Say this instance is alive for ``ttl_ms``; how many are (this one included)."""
+async def announce_once(redis: RedisIO, keys: Keys, instance: str, ttl_ms: int) -> list[Any]:
+    """Say this instance is alive for ``ttl_ms``; the instances alive now."""
     now = int(time.time() * 1000)
     _added, _expired, live = await redis.execute([
         ["ZADD", keys.instances, now + ttl_ms, instance],
         ["ZREMRANGEBYSCORE", keys.instances, "-inf", now],
-        ["ZCOUNT", keys.instances, now, "+inf"]], True)
-    return int(live)
+        ["ZRANGEBYSCORE", keys.instances, now, "+inf"]], True)
+    return list(live)
 
 
 async def announce(redis: RedisIO, keys: Keys, instance: str, lease_seconds: float, others: Others) -> None:
@@ -247,7 +250,7 @@ async def announce(redis: RedisIO, keys: Keys, instance: str, lease_seconds: flo
     try:
         while True:
             others.seen(await retrying("instances", announce_once, redis, keys, instance,
-                                       int(lease_seconds * 1000)))
+                                       int(lease_seconds * 1000)), instance)
             due = max(due + lease_seconds / 3, trio.current_time())
             await trio.sleep_until(due)
     except trio.Cancelled:
