@@ -207,10 +207,6 @@ class PipelineConfig(_Section):
         "503 commit_late (its events are durable and will be stored; the client's retry is "
         "deduplicated), counted in evactors_commits_late_total, so that a 200 still means in order.")] = 5.0
     channel_batches: Annotated[int, Doc("Capacity, in batches, of each channel between actors.")] = 8
-
-    def answers_committed(self, others_live: bool) -> bool:
-        """Whether answers wait for commits (and owners read their inboxes for every unit)."""
-        return self.answer == "committed" or (self.answer == "auto" and others_live)
     unit_events: Annotated[int, Doc(
         "Events an enricher gathers into one unit of work (from as many requests as are "
         "waiting), so that what each unit costs downstream (frames, round trips, commits) is "
@@ -251,6 +247,10 @@ class PipelineConfig(_Section):
         "`__truncated_properties` property. Bounds a session's state in Redis to about "
         "8 held views of this size.")] = 4096
     geo_cache_size: Annotated[int, Doc("Entries in the GeoIP cache.")] = 100_000
+
+    def answers_committed(self, others_live: bool) -> bool:
+        """Whether answers wait for commits (and owners read their inboxes for every unit)."""
+        return self.answer == "committed" or (self.answer == "auto" and others_live)
 
 
 class FlushConfig(_Section):

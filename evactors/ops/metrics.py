@@ -91,8 +91,8 @@ COMMITS_LATE = Counter(
     "than pipeline.answer_wait_seconds: answered 503 commit_late, their events durable all the same",
     registry=REGISTRY)
 
-LIVE_INSTANCES = Gauge("evactors_live_instances", "Live instances on this Redis (any role), as this one "
-                       "last read them", registry=REGISTRY)
+LIVE_INSTANCES = Gauge("evactors_live_instances", "Live instances on this Redis (ingest or sessions "
+                       "role), as this one last read them", registry=REGISTRY)
 
 
 FENCED = Counter("evactors_fenced_commits", "Session commits refused by their shard's fence (nothing "

@@ -9,9 +9,9 @@ its acknowledgement and its bookkeeping cost is then paid per group, not per req
 under a stream of one-event requests, per dozens of them. A write that fails fails the
 whole group: none of its requests is answered ``200``.
 
-With other instances live (``pipeline.answer``), an answer also waits until the acker has the
-group's receipt: every shard committed its part, or left it in the inbox of the instance that
-owns it. A visitor's next request, sent after that answer, then reaches its shard after this
+With other instances live (``pipeline.answer``), an answer also waits until the group's
+receipt is settled: every shard committed its part, or left it in the inbox of the instance
+that owns it. A visitor's next request, sent after that answer, then reaches its shard after this
 one, whichever instance takes it: that is what keeps sessions exact without affinity. A
 commit later than ``pipeline.answer_wait_seconds`` is answered 503 (``CommitLate``).
 """

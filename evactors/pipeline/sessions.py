@@ -49,7 +49,7 @@ from evactors.store.dedup import ShardDedup, fingerprint
 from evactors.store.inbox import READ_UNITS, Inbox, stream_id
 from evactors.store.keys import Keys
 from evactors.store.leases import Lease, LeaseLost, ShardLeases
-from evactors.store.redis_io import RedisIO, retrying
+from evactors.store.redis_io import RedisIO, as_dict, retrying
 from evactors.store.resp import Command, FenceMoved
 
 if TYPE_CHECKING:
@@ -527,16 +527,20 @@ class SessionShard:
         commands.append(["EXEC"])
         return commands
 
-    async def _write_aliases(self, aliases: dict[str, str] | None = None) -> None:
+    async def _write_pending_aliases(self) -> None:
+        """What an earlier commit left pending (a crash, a failed write): before the shard's
+        next unit or sweep."""
+        if self.redis.cluster and not self.aliases_written:
+            pending = self.keys.pending_aliases(self.shard)
+            (reply,) = await self.redis.execute([["HGETALL", pending]], check=True)
+            await self._write_aliases({k.decode(): v.decode() for k, v in as_dict(reply).items()})
+
+    async def _write_aliases(self, aliases: dict[str, str]) -> None:
         """On a cluster an alias key lives in its own slot, not the shard's: the commit records
         its links in the shard's pending hash, and they are written from there once it has
         committed — never before (a unit done again would see its own link early), never lost
-        (what a crash left pending is written before the shard's next unit)."""
+        (``_write_pending_aliases``)."""
         pending = self.keys.pending_aliases(self.shard)
-        if aliases is None:
-            (flat,) = await self.redis.execute([["HGETALL", pending]], check=True)
-            aliases = ({k.decode(): v.decode() for k, v in flat.items()} if isinstance(flat, dict) else
-                       {k.decode(): v.decode() for k, v in zip(flat[::2], flat[1::2], strict=True)})
         if aliases:
             await self.redis.execute(_alias_commands(aliases), check=True)
             await self.redis.execute([["HDEL", pending, *aliases]], check=True)
@@ -607,8 +611,7 @@ class SessionShard:
         now = self._now_ms()
         items = sorted(items, key=_unit_order(items))
         await self.dedup.prepare(self.redis, now)
-        if self.redis.cluster and not self.aliases_written:
-            await self._write_aliases()  # what an earlier commit left pending
+        await self._write_pending_aliases()
         prints = [fingerprint(e.row.project_id, e.row.message_id) for e in items]
         seen = self.dedup.seen(prints)
         events = [(e.row, e.incoming) for e in items if isinstance(e.row, EventRow)]
@@ -662,8 +665,7 @@ class SessionShard:
     async def _sweep(self, close_all: bool) -> Commit | None:
         self._held()
         now = self._now_ms()
-        if self.redis.cluster and not self.aliases_written:
-            await self._write_aliases()  # a shard without events still writes what is pending
+        await self._write_pending_aliases()
         index = self.keys.session_index(self.shard)
         cutoff = "+inf" if close_all else now - self.timeout_ms
         expired: Any = await self.redis.run(
@@ -797,7 +799,7 @@ async def _hold(shard: SessionShard, to_shard: trio.MemoryReceiveChannel[ShardBa
                                                                    size=lambda b: len(b.events)))
         was_carried, carried = bool(carried), []
         try:
-            if trio.current_time() >= next_sweep and replayed.is_set():
+            if trio.current_time() >= sweep_at:
                 await _sweep_all(shard, leases)
                 next_sweep = trio.current_time() + sweep_every
             taken_in: list[tuple[bytes, list[Enriched]]] = []

@@ -50,7 +50,7 @@ class Keys:
         self.flush_plan_all = f"{prefix}:flush"  # the flush being carried out, over all shards
         # zset: the instances that hold session shards → until when (ms) they are alive
         self.members = f"{prefix}:members"
-        # zset: every live instance, whatever its roles → until when (ms) it is alive
+        # zset: the live instances with the ingest or sessions role → until when (ms) alive
         self.instances = f"{prefix}:instances"
 
     def shard(self, shard: int) -> str:

@@ -18,7 +18,8 @@ for to the preferred one (between two units: it lets go, the other takes it at i
 and a standby takes a free shard at once if it is preferred, else only once the shard has
 been free for a whole lease (its preferred instance is not taking it).
 
-Every instance, whatever its roles, also says it is alive in ``evx:instances`` (``announce``):
+Every instance that takes requests or holds shards also says it is alive in ``evx:instances``
+(``announce``):
 while there are several, answers wait for commits and owners read their inboxes for every
 unit (``pipeline.answer``), which keeps a visitor's order across instances.
 
@@ -115,7 +116,7 @@ class ShardLeases:
             ["ZREMRANGEBYSCORE", self.keys.members, "-inf", now],
             ["ZRANGE", self.keys.members, 0, -1],
             ["ZRANGEBYSCORE", self.keys.instances, now, "+inf"]], True)
-        self.members = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+        self.members = sorted(_names(members))
         self.others.seen(live, self.instance)
 
     async def _acquire(self, shard: int, takeover: str) -> tuple[bool, int]:
@@ -207,6 +208,11 @@ async def hold(redis: RedisIO, keys: Keys, shards: Sequence[int], instance: str,
                     log.warning("leases not released: %s", e)
 
 
+def _names(reply: list[Any]) -> list[str]:
+    """Instance names, as a zset read gives them."""
+    return [m.decode() if isinstance(m, bytes) else str(m) for m in reply]
+
+
 class Others:
     """Whether other instances are live, as ``evx:instances`` last said: once seen, others
     count as live until reads have said "alone" for ``hold`` seconds — a read that fails (a
@@ -220,7 +226,7 @@ class Others:
 
     def seen(self, live: list[Any], instance: str) -> None:
         """``live``: the members of ``evx:instances`` alive now; ``instance``: this one."""
-        others = sum((m.decode() if isinstance(m, bytes) else str(m)) != instance for m in live)
+        others = sum(name != instance for name in _names(live))
         metrics.LIVE_INSTANCES.set(others + 1)
         if others:
             self.alone_since = None

@@ -69,10 +69,15 @@ def _pipeline(client: Any, commands: Sequence[Command]) -> list[Any]:
     return pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
 
 
+def as_dict(reply: Any) -> dict[bytes, bytes]:
+    """A field/value reply (HGETALL, a stream entry's fields): flat from the trio-native
+    client, a dict from redis-py."""
+    return reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=False))
+
+
 def stream_entries(reply: list[Any]) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    """XRANGE's reply as (id, fields): flat from the trio-native client, a dict from redis-py."""
-    return [(entry_id, fields if isinstance(fields, dict) else dict(zip(fields[::2], fields[1::2], strict=False)))
-            for entry_id, fields in reply]
+    """XRANGE's reply as (id, fields)."""
+    return [(entry_id, as_dict(fields)) for entry_id, fields in reply]
 
 
 def sync_client(url: str, timeout: float, max_connections: int | None = None) -> Any:
